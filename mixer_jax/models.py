@@ -1,0 +1,234 @@
+"""MLP-Mixer (Tolstikhin et al. 2021) in Flax Linen.
+
+Parameter names follow Google's `vit_jax.models_mixer`, so the parameter tree
+*is* the published checkpoint format (`stem`, `MixerBlock_{i}`,
+`pre_head_layer_norm`, `head`). With `scan=True` the blocks live stacked under
+`MixerBlocks` instead; `stack_blocks`/`unstack_blocks` convert between the two.
+
+Regularisation (both off by default, both inverted, i.e. identity at eval):
+- `dropout`: after the GELU and after the second Dense of every MLP; kept units
+  are scaled by 1/(1-p) during training.
+- `stoch_depth`: drop-path on every residual branch, per example. The rate
+  rises linearly over blocks from 0 (first block) to `stoch_depth` (last
+  block), as in the paper; kept branches are scaled by 1/(1-p_i).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# name -> (patch_size, num_blocks, hidden_dim, tokens_mlp_dim, channels_mlp_dim)
+_VARIANT_TABLE = {
+    "Mixer-Ti_4": (4, 2, 64, 32, 128),  # tiny, for tests and the offline demo
+    "Mixer-S_32": (32, 8, 512, 256, 2048),
+    "Mixer-S_16": (16, 8, 512, 256, 2048),
+    "Mixer-S_8": (8, 8, 512, 256, 2048),
+    "Mixer-B_32": (32, 12, 768, 384, 3072),
+    "Mixer-B_16": (16, 12, 768, 384, 3072),
+    "Mixer-L_32": (32, 24, 1024, 512, 4096),
+    "Mixer-L_16": (16, 24, 1024, 512, 4096),
+    "Mixer-H_14": (14, 32, 1280, 640, 5120),
+}
+_FIELDS = ("patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim")
+VARIANTS: dict[str, dict[str, int]] = {
+    name: dict(zip(_FIELDS, values)) for name, values in _VARIANT_TABLE.items()
+}
+
+BLOCK_PREFIX = "MixerBlock_"
+SCANNED_BLOCKS = "MixerBlocks"
+
+
+def drop_path(x: jax.Array, rate, rng: jax.Array) -> jax.Array:
+    """Zeroes whole examples with probability `rate`, scales the rest by 1/(1-rate)."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    # `keep` may be 0 only for rate 1; guard the division.
+    return jnp.where(mask, x / jnp.maximum(keep, 1e-12), 0).astype(x.dtype)
+
+
+class MlpBlock(nn.Module):
+    """Dense -> GELU (tanh approximation, as trained) -> Dense back to the input width."""
+
+    mlp_dim: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        dense = lambda features: nn.Dense(
+            features, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+        y = nn.gelu(dense(self.mlp_dim)(x))
+        y = nn.Dropout(self.dropout, deterministic=not train)(y)
+        y = dense(x.shape[-1])(y)
+        return nn.Dropout(self.dropout, deterministic=not train)(y)
+
+
+class MixerBlock(nn.Module):
+    """Token mixing across patches, then channel mixing across features."""
+
+    tokens_mlp_dim: int
+    channels_mlp_dim: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _residual(self, x, y, drop_rate, train):
+        if train and not (isinstance(drop_rate, (int, float)) and drop_rate == 0):
+            y = drop_path(y, drop_rate, self.make_rng("dropout"))
+        return x + y
+
+    @nn.compact
+    def __call__(self, x, drop_rate=0.0, train: bool = False):
+        kw = dict(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = lambda name: nn.LayerNorm(
+            dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        y = norm("LayerNorm_0")(x)
+        y = jnp.swapaxes(y, 1, 2)
+        y = MlpBlock(self.tokens_mlp_dim, name="token_mixing", **kw)(y, train=train)
+        y = jnp.swapaxes(y, 1, 2)
+        x = self._residual(x, y, drop_rate, train)
+        y = norm("LayerNorm_1")(x)
+        y = MlpBlock(self.channels_mlp_dim, name="channel_mixing", **kw)(y, train=train)
+        return self._residual(x, y, drop_rate, train)
+
+
+class _ScanBody(nn.Module):
+    """MixerBlock shaped for `nn.scan`: (carry, drop_rate) -> (carry, tokens)."""
+
+    block: dict[str, Any]
+    train: bool
+    stochastic: bool
+
+    @nn.compact
+    def __call__(self, x, drop_rate):
+        rate = drop_rate if self.stochastic else 0.0
+        x = MixerBlock(**self.block, name="block")(x, rate, self.train)
+        return x, x
+
+
+class MlpMixer(nn.Module):
+    """MLP-Mixer. Input: images [batch, height, width, 3] in [-1, 1].
+
+    Returns logits [batch, num_classes], or pooled features [batch, hidden_dim]
+    when `num_classes` is None. With `return_intermediates=True` returns
+    `(output, intermediates)` where intermediates holds the tokens after the
+    stem (`stem`, [batch, tokens, hidden]), after every block (`block_{i}`),
+    and the pooled `pre_logits`, all from the same single forward pass.
+    """
+
+    patch_size: int
+    num_blocks: int
+    hidden_dim: int
+    tokens_mlp_dim: int
+    channels_mlp_dim: int
+    num_classes: int | None = 1000
+    dropout: float = 0.0
+    stoch_depth: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat: bool = False
+
+    def drop_rates(self) -> np.ndarray:
+        """Per-block stochastic-depth rates: linear from 0 to `stoch_depth`."""
+        if self.num_blocks == 1:
+            return np.full((1,), self.stoch_depth, np.float32)
+        return np.linspace(0.0, self.stoch_depth, self.num_blocks, dtype=np.float32)
+
+    @nn.compact
+    def __call__(self, inputs, *, train: bool = False, return_intermediates: bool = False):
+        height, width = inputs.shape[1:3]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"Image size {height}x{width} is not divisible by the patch size "
+                f"{self.patch_size}; resize or crop the images to a multiple of it."
+            )
+        p = self.patch_size
+        x = nn.Conv(
+            self.hidden_dim, (p, p), strides=(p, p), padding="VALID",
+            dtype=self.dtype, param_dtype=self.param_dtype, name="stem",
+        )(inputs)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])  # raster order: n (h w) c
+        feats = {"stem": x}
+
+        block = dict(
+            tokens_mlp_dim=self.tokens_mlp_dim, channels_mlp_dim=self.channels_mlp_dim,
+            dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
+        )
+        rates = self.drop_rates()
+        if self.scan:
+            body = nn.remat(_ScanBody) if self.remat else _ScanBody
+            x, per_block = nn.scan(
+                body,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                length=self.num_blocks,
+            )(block=block, train=train, stochastic=self.stoch_depth > 0, name=SCANNED_BLOCKS)(x, jnp.asarray(rates))
+            feats.update({f"block_{i}": per_block[i] for i in range(self.num_blocks)})
+        else:
+            block_cls = (
+                nn.remat(MixerBlock, static_argnums=(2, 3)) if self.remat else MixerBlock
+            )
+            for i in range(self.num_blocks):
+                x = block_cls(**block, name=f"{BLOCK_PREFIX}{i}")(x, float(rates[i]), train)
+                feats[f"block_{i}"] = x
+
+        x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="pre_head_layer_norm")(x)
+        x = jnp.mean(x, axis=1)
+        feats["pre_logits"] = x
+        if self.num_classes is not None:
+            x = nn.Dense(
+                self.num_classes, kernel_init=nn.initializers.zeros,
+                dtype=self.dtype, param_dtype=self.param_dtype, name="head",
+            )(x)
+        return (x, feats) if return_intermediates else x
+
+
+def create_model(variant: str, **overrides) -> MlpMixer:
+    """Builds a Mixer by its published name (e.g. "Mixer-B_16"), plus field overrides.
+
+    Both "Mixer-B_16" and "Mixer-B/16" are accepted.
+    """
+    name = variant.replace("/", "_")
+    if name not in VARIANTS:
+        raise ValueError(f"Unknown Mixer variant {variant!r}; known: {', '.join(VARIANTS)}.")
+    known = {f.name for f in dataclasses.fields(MlpMixer)} - {"parent", "name"}
+    unknown = set(overrides) - known
+    if unknown:
+        raise TypeError(f"Unknown MlpMixer option(s) {sorted(unknown)}; known: {sorted(known)}.")
+    return MlpMixer(**{**VARIANTS[name], **overrides})
+
+
+def stack_blocks(params: dict) -> dict:
+    """Per-block layout (`MixerBlock_{i}`) -> scanned layout (`MixerBlocks/block`)."""
+    names = sorted((k for k in params if k.startswith(BLOCK_PREFIX)),
+                   key=lambda k: int(k[len(BLOCK_PREFIX):]))
+    if not names:
+        return dict(params)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[k] for k in names])
+    out = {k: v for k, v in params.items() if not k.startswith(BLOCK_PREFIX)}
+    out[SCANNED_BLOCKS] = {"block": stacked}
+    return out
+
+
+def unstack_blocks(params: dict) -> dict:
+    """Scanned layout (`MixerBlocks/block`) -> per-block layout (`MixerBlock_{i}`)."""
+    if SCANNED_BLOCKS not in params:
+        return dict(params)
+    stacked = params[SCANNED_BLOCKS]["block"]
+    num_blocks = jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != SCANNED_BLOCKS}
+    for i in range(num_blocks):
+        out[f"{BLOCK_PREFIX}{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return out
