@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -44,19 +45,26 @@ def run_workers(tmp_path, num_processes=2, devices_per_process=4):
         )
         for i in range(num_processes)
     ]
+    deadline = time.monotonic() + TIMEOUT_S
     try:
-        codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+        # Stop at the first failure: the others would wait for their peer until timeout.
+        while time.monotonic() < deadline:
+            codes = [p.poll() for p in procs]
+            if None not in codes or any(codes):
+                break
+            time.sleep(0.2)
     finally:
         for p in procs:  # on timeout or failure, leave nothing running
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    codes = [p.returncode for p in procs]
     output = []
     for i, log in enumerate(logs):
         log.seek(0)
         output.append(f"--- worker {i} ---\n{log.read()[-3000:]}")
         log.close()
-    assert codes == [0] * num_processes, "\n".join(output)
+    assert codes == [0] * num_processes, f"exit codes {codes}\n" + "\n".join(output)
     return [dict(np.load(out)) for out in outs]
 
 
