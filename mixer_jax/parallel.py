@@ -233,7 +233,7 @@ class Strategy(abc.ABC):
     def abstract_state(self) -> steps.TrainState:
         """Shapes, dtypes and shardings of the saveable state (for orbax restore)."""
         if self._abstract is None:
-            key = jax.ShapeDtypeStruct((2,), np.uint32)
+            key = jax.eval_shape(jax.random.PRNGKey, 0)  # raw key of the default PRNG
             shapes = jax.eval_shape(self._init_fn, key)
             self._abstract = jax.tree_util.tree_map_with_path(
                 lambda path, leaf: jax.ShapeDtypeStruct(
