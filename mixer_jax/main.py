@@ -1,0 +1,61 @@
+"""Command line: train / fine-tune / evaluate a Mixer.
+
+  python -m mixer_jax.main --config=configs/default.py --workdir=/tmp/mixer_digits
+  python -m mixer_jax.main --config=configs/mixer_b16_cifar10.py --workdir=gs://bucket/run \\
+      --config.pretrained_dir=gs://mixer_models/imagenet21k --config.batch=256
+
+Every config key can be overridden with `--config.<key>=<value>`. Starting the same
+command again resumes from the latest checkpoint in the workdir. On several hosts,
+run the same command on every host (see docs/training.md); `jax.distributed` is
+initialised from the flags below, the environment, or TPU / SLURM auto-detection.
+"""
+from __future__ import annotations
+
+import logging as py_logging
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Training config file (e.g. configs/default.py[:arg]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints and metrics.")
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-process runs: host:port of process 0 (else JAX_COORDINATOR_ADDRESS "
+                    "or auto-detection).")
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process runs: index of this process.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(py_logging.Filter):
+    """Hides the INFO chatter of orbax (a dozen lines per checkpoint); warnings stay."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    # Before anything touches a jax backend.
+    from mixer_jax import parallel
+
+    parallel.maybe_initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    py_logging.getLogger("absl").addFilter(_QuietLibraries())
+
+    import jax
+
+    from mixer_jax import train
+
+    logging.info("Process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(),
+                 jax.devices()[0].platform)
+    logging.info("Config:\n%s", FLAGS.config)
+    final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    logging.info("Final metrics: %s", final)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,331 @@
+"""The training job: train (from scratch or from a checkpoint), evaluate, checkpoint.
+
+`train_and_evaluate(config, workdir)` runs one job. Every device-related thing
+goes through a `parallel.Strategy` (pmap, or jit over a data/FSDP/model mesh),
+the step itself is `steps.train_step`, and side effects stay at the edges:
+checkpoints (`train_checkpoint`), metrics and progress lines (`metric_writers`).
+
+A job started again with the same workdir resumes from its latest checkpoint
+(step, parameters, optimizer state, RNG and data position), so a run that was
+killed or preempted ends exactly as if it had run through.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from flax import traverse_util
+from jax.experimental import multihost_utils
+
+from mixer_jax import (checkpoint, input_pipeline, metric_writers, models, optim,
+                       parallel, steps, train_checkpoint, train_config)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf; the message names the step."""
+
+
+def create_model(config, num_classes: int, **overrides) -> models.MlpMixer:
+    """`config.model_name` with the `config.model` overrides (and `overrides`)."""
+    kwargs = {**train_config.model_kwargs(config), **overrides}
+    return models.create_model(config.model_name, num_classes=num_classes, **kwargs)
+
+
+def pretrained_path(config) -> str | None:
+    """The checkpoint to fine-tune from, or None (train from scratch).
+
+    `pretrained_dir/model_or_filename`: a directory is an orbax checkpoint (a workdir
+    or checkpoint directory of an earlier run, or the output of `convert npz-to-orbax`);
+    anything else is an `.npz` (the extension may be left out, as in vit_jax).
+    """
+    name = config.get("model_or_filename")
+    if not name:
+        return None
+    path = epath.Path(config.pretrained_dir) / name
+    if path.is_dir() or path.suffix == ".npz" or not (path.parent / (path.name + ".npz")).exists():
+        return str(path)
+    return str(path) + ".npz"
+
+
+def _is_orbax(path: str) -> bool:
+    return epath.Path(path).is_dir()
+
+
+def _flat_shapes(tree) -> dict:
+    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def _host_params(strategy, state):
+    """The state's parameters as numpy arrays on every host (for `load_pretrained`)."""
+    params = strategy.to_saveable(state).params
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_get(params)
+
+
+def _from_saveable(strategy, state):
+    # Mesh strategies save the state in its live sharding; pmap keeps a copy per device.
+    if isinstance(strategy, parallel.PmapStrategy):
+        return strategy.place(state)
+    return state
+
+
+def _restore_sharded_params(path, strategy, state, config):
+    """Orbax parameters that fit the model (head aside) read straight into their shardings.
+
+    Returns None when they do not fit as they are (another layout, image size or variant):
+    the caller then goes through `checkpoint.load_pretrained` on the host.
+    """
+    abstract = strategy.abstract_state().params
+    wanted, stored = _flat_shapes(abstract), train_checkpoint.stored_params_shapes(path)
+    differ = {k for k in wanted if stored.get(k) != wanted[k]}
+    if set(stored) != set(wanted) or not differ <= {"head/kernel", "head/bias"}:
+        return None
+    reset_head = config.reset_head if config.reset_head is not None else bool(differ)
+    if differ and not reset_head:
+        return None  # let load_pretrained explain the mismatch
+    flat_target = traverse_util.flatten_dict(abstract, sep="/")
+    if reset_head:
+        flat_target = {k: v for k, v in flat_target.items() if not k.startswith("head/")}
+    loaded = traverse_util.flatten_dict(train_checkpoint.restore_params(
+        path, traverse_util.unflatten_dict(flat_target, sep="/")), sep="/")
+    current = traverse_util.flatten_dict(state.params, sep="/")
+    params = traverse_util.unflatten_dict({k: loaded.get(k, current[k]) for k in current}, sep="/")
+    logging.info("Restored %d parameter arrays from %s into their shardings%s.", len(loaded),
+                 path, " (head from the new model)" if reset_head else "")
+    return state.replace(params=params)
+
+
+def _load_pretrained(path, pretrained, strategy, state, config):
+    """`state` with its parameters taken from `path` (an `.npz` or orbax checkpoint)."""
+    if pretrained is None and _is_orbax(path) and not isinstance(strategy, parallel.PmapStrategy):
+        restored = _restore_sharded_params(path, strategy, state, config)
+        if restored is not None:
+            return restored
+    if pretrained is None:
+        pretrained = _read_pretrained(path)
+    params = checkpoint.load_pretrained(
+        pretrained, _host_params(strategy, state), reset_head=config.reset_head,
+        token_mixing=config.token_mixing, image_size=config.pp.crop)
+    logging.info("Fine-tuning from %s.", path)
+    return strategy.with_params(state, params)
+
+
+def _read_pretrained(path):
+    if _is_orbax(path):
+        return train_checkpoint.restore_params(path)
+    return checkpoint.load_npz(path)
+
+
+def _model_overrides(config, ckpt, path) -> tuple[dict, dict | None]:
+    """Architecture overrides the checkpoints impose, and the pretrained params if read.
+
+    A resumed run keeps the token-mixing width of its own checkpoint; a fine-tuning run
+    takes it from the pretrained parameters (the block-diagonal method widens it).
+    """
+    latest = ckpt.latest_step()
+    if latest is not None:
+        shapes = train_checkpoint.stored_params_shapes(str(ckpt.directory), latest)
+        return {"tokens_mlp_dim": _token_kernel_shape(shapes)[1]}, None
+    if path is None:
+        return {}, None
+    if _is_orbax(path):
+        shapes = train_checkpoint.stored_params_shapes(path)
+        num_tokens, width = _token_kernel_shape(shapes)
+        if num_tokens == _model_num_tokens(config):
+            return {"tokens_mlp_dim": width}, None  # read later, into the shardings if it fits
+        pretrained = train_checkpoint.restore_params(path)
+    else:
+        pretrained = checkpoint.load_npz(path)
+    fields = checkpoint.adapted_model_overrides(
+        pretrained, config.pp.crop, token_mixing=config.token_mixing)
+    return {"tokens_mlp_dim": fields["tokens_mlp_dim"]}, pretrained
+
+
+def _token_kernel_shape(flat_shapes: dict) -> tuple[int, int]:
+    """(tokens, tokens_mlp_dim) of stored parameters, per-block or scanned."""
+    for key, shape in flat_shapes.items():
+        if key.endswith("token_mixing/Dense_0/kernel"):
+            return tuple(shape[-2:])
+    raise ValueError("The checkpoint holds no token-mixing kernel: it is not an MLP-Mixer.")
+
+
+def _model_num_tokens(config) -> int:
+    variant = models.VARIANTS[config.model_name.replace("/", "_")]
+    patch = config.model.get("patch_size", variant["patch_size"])
+    return (config.pp.crop // patch) ** 2
+
+
+# ------------------------------------------------------------------------------ loop
+
+
+def evaluate(strategy, state, config) -> dict:
+    """Loss, top-1 and top-5 over every eval example exactly once (padding masked out)."""
+    totals = {}
+    params = strategy.params_of(state)
+    for batch in strategy.prefetch(input_pipeline.eval_dataset(config).as_numpy_iterator()):
+        sums = jax.device_get(strategy.eval_step(params, batch))
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    count = totals.get("count", 0.0)
+    if not count:
+        raise ValueError(f"The eval split {config.pp.test!r} of {config.dataset!r} is empty.")
+    return {"eval_loss": totals["loss"] / count, "eval_top1": totals["top1"] / count,
+            "eval_top5": totals["top5"] / count, "eval_count": count}
+
+
+def _check_finite(step_metrics, first_step, ckpt) -> None:
+    """Raises NonFiniteLossError naming the first step whose loss is NaN/Inf."""
+    for offset, metrics in enumerate(step_metrics):
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss):
+            step = first_step + offset
+            ckpt.wait()
+            last = ckpt.latest_step()
+            kept = (f"the last good checkpoint (step {last}) is kept in {ckpt.directory}"
+                    if last is not None else "no checkpoint had been written yet")
+            raise NonFiniteLossError(
+                f"Training loss became {loss} at step {step}; training stopped and {kept}. "
+                "Try a lower base_lr, a longer warmup or gradient clipping (grad_norm_clip).")
+
+
+def _mean_metrics(step_metrics) -> dict:
+    return {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+
+
+@dataclasses.dataclass
+class Run:
+    """What a job trains with, set up by `prepare` (resumed, fine-tuned or fresh)."""
+
+    config: ml_collections.ConfigDict  # complete (defaults filled in) and validated
+    model: models.MlpMixer
+    strategy: parallel.Strategy
+    schedule: optax.Schedule
+    state: steps.TrainState
+    start_step: int  # 0, or the step of the checkpoint resumed from
+
+
+def prepare(config: ml_collections.ConfigDict, ckpt: train_checkpoint.TrainCheckpointer) -> Run:
+    """Builds model, optimizer and strategy, and the state to start from.
+
+    The state is the latest checkpoint in `ckpt` if any (restored straight into the
+    strategy's shardings), else fresh parameters, with the pretrained ones of
+    `config.pretrained_dir/model_or_filename` loaded in if set.
+    """
+    config = train_config.with_defaults(config)
+    train_config.validate(config, num_devices=jax.device_count(),
+                          process_count=jax.process_count())
+    info = input_pipeline.get_dataset_info(config)
+    path = pretrained_path(config)
+    overrides, pretrained = _model_overrides(config, ckpt, path)
+    model = create_model(config, info.num_classes, **overrides)
+    tx, schedule = optim.make_optimizer(config)
+    strategy = parallel.make_strategy(config, model, tx)
+    logging.info("Model %s (%s), %s, %d classes, %s.", config.model_name,
+                 ", ".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "as published",
+                 strategy, info.num_classes, config.dataset)
+
+    start_step = ckpt.latest_step()
+    if start_step is not None:
+        restored, meta = ckpt.restore(strategy.abstract_state())
+        state = _from_saveable(strategy, restored)
+        _log_config_changes(meta.get("config"), config)
+        logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
+    else:
+        start_step = 0
+        state = strategy.init(jax.random.key(config.seed))
+        if path is not None:
+            state = _load_pretrained(path, pretrained, strategy, state, config)
+    return Run(config, model, strategy, schedule, state, start_step)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains and evaluates a Mixer as `config` says, checkpointing into `workdir`.
+
+    Resumes from the latest checkpoint in `workdir` if there is one. Returns the final
+    metrics: 'step', the last training window's 'loss'/'grad_norm'/'learning_rate'/
+    'img_per_sec', and the final 'eval_loss', 'eval_top1', 'eval_top5', 'eval_count'.
+    Raises NonFiniteLossError (naming the step) if the loss becomes NaN or Inf.
+    """
+    config = train_config.with_defaults(config)
+    with contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(train_checkpoint.TrainCheckpointer(
+            workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints))
+        run = prepare(config, ckpt)
+        writer = metric_writers.MetricWriter(workdir, resume_step=run.start_step)
+        stack.callback(writer.close)
+        return _train_loop(run, ckpt, writer)
+
+
+def _train_loop(run: Run, ckpt, writer) -> dict:
+    config, strategy, state, start_step = run.config, run.strategy, run.state, run.start_step
+    total = config.total_steps
+    progress = metric_writers.Progress(total, config.batch, start_step)
+    final = {"step": start_step}
+    pending = []  # device metrics of the steps not yet checked (fetching syncs: done rarely)
+    batches = strategy.prefetch(
+        input_pipeline.train_dataset(config, start_step=start_step).as_numpy_iterator())
+    for step in range(start_step + 1, total + 1):
+        state, metrics = strategy.train_step(state, next(batches))
+        pending.append(metrics)
+        if step == start_step + 1:  # the first step compiles: time throughput after it
+            jax.block_until_ready(metrics)
+            progress.restart(step)
+        last = step == total
+        preempted = ckpt.reached_preemption(step)
+        report = step % config.progress_every == 0 or last or preempted
+        do_eval = step % config.eval_every == 0 or last
+        save = step % config.checkpoint_every == 0 or last or preempted
+        if not (report or do_eval or save):
+            continue
+        fetched = jax.device_get(pending)
+        _check_finite(fetched, step - len(pending) + 1, ckpt)  # never save a bad state
+        pending = []
+        if report:
+            means = _mean_metrics(fetched)
+            scalars = {"loss": means.pop("loss"), "learning_rate": float(run.schedule(step - 1)),
+                       **means}
+            scalars.update(progress.report(step, scalars))
+            writer.write(step, scalars)
+            final.update(scalars)
+        if save:
+            ckpt.save(step, strategy.to_saveable(state), config)
+        if do_eval:
+            scores = evaluate(strategy, state, config)
+            logging.info("Eval at step %d: top-1 %.4f, top-5 %.4f, loss %.4f (%d examples).",
+                         step, scores["eval_top1"], scores["eval_top5"], scores["eval_loss"],
+                         scores["eval_count"])
+            writer.write(step, scores)
+            final.update(scores)
+        final["step"] = step
+        if preempted:
+            logging.warning("Preemption notice: saved step %d and stopped; rerun to resume.", step)
+            final["preempted"] = True
+            break
+    if start_step >= total:  # resumed a finished run: just evaluate it
+        final.update(evaluate(strategy, state, config))
+    ckpt.wait()
+    return final
+
+
+def _log_config_changes(saved: dict | None, config) -> None:
+    """Warns about config values that differ from those the checkpoint was written with."""
+    if not saved:
+        return
+    now = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
+    before = traverse_util.flatten_dict(saved, sep=".")
+    changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+    if changed:
+        logging.warning("Resuming with a config that differs from the checkpoint's in: %s. "
+                        "The run will not match an uninterrupted one.",
+                        ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed))

@@ -1,0 +1,199 @@
+"""Every config key the training job reads, with its default, and the sanity checks.
+
+Shipped configs (`configs/*.py`) start from `base_config()` and change what they
+need, so `--config.<key>=...` works for every key below and a typo in a config
+file is caught by `validate` instead of being silently ignored. Key names follow
+vit_jax where it has them.
+
+Data (read by `input_pipeline`):
+  dataset           tfds name (e.g. "cifar10"), or a directory `{train,test}/<class>/<file>`.
+  tfds_data_dir     tfds data dir (None: tfds' default); tfds_manual_dir for manual downloads.
+  pp.train, pp.test split strings; pp.crop image size fed to the model;
+  pp.resize         eval: shorter side before the centre crop (None: resize straight to crop);
+  pp.inception_crop, pp.flip, pp.randaugment ((layers, magnitude) or None), pp.mixup (alpha).
+  batch, batch_eval GLOBAL batch sizes (all hosts, all devices); shuffle_buffer; seed.
+Model: model_name (a `models.VARIANTS` name) and model.* (MlpMixer field overrides:
+  dropout, stoch_depth, dtype, scan, remat, and architecture fields for tiny custom models).
+Fine-tuning: pretrained_dir + model_or_filename -> a published `.npz` or an orbax checkpoint
+  (a workdir or checkpoint directory of an earlier run); reset_head (None: when the class count
+  differs); token_mixing (how `checkpoint.load_pretrained` adapts to another image size).
+Optimiser (read by `optim.make_optimizer`): optim, momentum, mu_dtype, b1, b2, weight_decay,
+  base_lr, warmup_steps, decay_type, linear_end, total_steps, grad_norm_clip, accum_steps.
+Parallelism (read by `parallel.make_strategy`): parallelism ('pmap' | 'data' | 'fsdp'),
+  mesh_model (size of the 'model' mesh axis), fsdp_min_size.
+Loop: progress_every, eval_every, checkpoint_every (in steps), keep_checkpoints (how many of
+  the latest checkpoints stay on disk), async_checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_dict
+
+from mixer_jax import models
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+DECAY_TYPES = ("cosine", "linear", "constant")
+PARALLELISMS = ("pmap", "data", "fsdp")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All known keys with their defaults (the fine-tuning recipe of the paper)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.dataset = "sklearn_digits"
+    c.tfds_data_dir = config_dict.placeholder(str)
+    c.tfds_manual_dir = config_dict.placeholder(str)
+    c.pp = ml_collections.ConfigDict(dict(
+        train="train", test="test", crop=224, resize=256, inception_crop=True,
+        flip=True, randaugment=config_dict.placeholder(tuple), mixup=0.0,
+    ))
+    c.batch = 512
+    c.batch_eval = 512
+    c.shuffle_buffer = 10_000
+
+    c.model_name = "Mixer-B_16"
+    c.model = ml_collections.ConfigDict(dict(
+        dropout=0.0, stoch_depth=0.0, dtype="float32", scan=False, remat=False,
+    ))
+
+    c.pretrained_dir = "."
+    c.model_or_filename = config_dict.placeholder(str)
+    c.reset_head = config_dict.placeholder(bool)
+    c.token_mixing = "auto"
+
+    c.optim = "sgd"
+    c.momentum = 0.9
+    c.mu_dtype = config_dict.placeholder(str)
+    c.b1 = 0.9
+    c.b2 = 0.999
+    c.weight_decay = 0.0
+    c.base_lr = 0.03
+    c.warmup_steps = 500
+    c.decay_type = "cosine"
+    c.linear_end = 1e-5  # final learning rate of the linear decay
+    c.total_steps = 10_000
+    c.grad_norm_clip = 1.0
+    c.accum_steps = 1
+
+    c.parallelism = "data"
+    c.mesh_model = 1
+    c.fsdp_min_size = 2**16  # fsdp: arrays with fewer elements stay replicated
+
+    c.progress_every = 100
+    c.eval_every = 1000
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.async_checkpoints = True
+    return c
+
+
+def _model_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(models.MlpMixer)} - {"parent", "name", "num_classes"}
+
+
+def _unknown_keys(config, known, prefix="") -> list[str]:
+    """Dotted names of keys in `config` that `known` does not have (recursively)."""
+    unknown = []
+    for key, value in config.items():
+        name = prefix + key
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            unknown.append(name + (f" (did you mean {prefix + close[0]!r}?)" if close else ""))
+        elif isinstance(value, ml_collections.ConfigDict) and name != "model":
+            unknown += _unknown_keys(value, known[key], name + ".")
+    return unknown
+
+
+def model_kwargs(config) -> dict:
+    """MlpMixer overrides from `config.model`, with dtype names turned into dtypes."""
+    kwargs = dict(config.model)
+    for key in ("dtype", "param_dtype"):
+        if key in kwargs:
+            kwargs[key] = jnp.dtype(kwargs[key])
+    return kwargs
+
+
+def validate(config, *, num_devices: int | None = None, process_count: int = 1) -> None:
+    """Raises ValueError listing every problem found in `config`.
+
+    With `num_devices`, also checks that each micro-batch splits evenly over the devices.
+    """
+    problems = [f"unknown key {k}" for k in _unknown_keys(config, base_config())]
+    bad_model = sorted(set(config.model) - _model_fields())
+    if bad_model:
+        problems.append(f"unknown model option(s) {bad_model}; known: {sorted(_model_fields())}")
+
+    def check(ok, message):
+        if not ok:
+            problems.append(message)
+
+    check(config.model_name.replace("/", "_") in models.VARIANTS,
+          f"model_name {config.model_name!r} is not one of {list(models.VARIANTS)}")
+    patch = config.model.get("patch_size") or models.VARIANTS.get(
+        config.model_name.replace("/", "_"), {}).get("patch_size", 1)
+    check(config.pp.crop % patch == 0,
+          f"pp.crop={config.pp.crop} is not a multiple of the patch size {patch}")
+    check(config.model.get("dtype", "float32") in DTYPES, f"model.dtype must be one of {DTYPES}")
+    check(config.optim in OPTIMIZERS, f"optim {config.optim!r} is not one of {OPTIMIZERS}")
+    check(config.decay_type in DECAY_TYPES,
+          f"decay_type {config.decay_type!r} is not one of {DECAY_TYPES}")
+    check(config.mu_dtype in (None, "bfloat16", "float32"),
+          f"mu_dtype must be None, 'bfloat16' or 'float32', not {config.mu_dtype!r}")
+    check(config.parallelism in PARALLELISMS,
+          f"parallelism {config.parallelism!r} is not one of {PARALLELISMS}")
+    check(config.mesh_model >= 1, "mesh_model must be >= 1")
+    check(not (config.parallelism == "pmap" and config.mesh_model > 1),
+          "mesh_model > 1 needs parallelism 'data' or 'fsdp' (pmap has no model axis)")
+    check(config.total_steps > 0, "total_steps must be positive")
+    check(0 <= config.warmup_steps < config.total_steps,
+          f"warmup_steps={config.warmup_steps} must be in [0, total_steps={config.total_steps})")
+    check(config.base_lr > 0, "base_lr must be positive")
+    check(config.accum_steps >= 1, "accum_steps must be >= 1")
+    check(config.batch % config.accum_steps == 0,
+          f"batch={config.batch} is not divisible by accum_steps={config.accum_steps}")
+    check(config.batch % process_count == 0 and config.batch_eval % process_count == 0,
+          f"batch={config.batch} and batch_eval={config.batch_eval} must divide over "
+          f"{process_count} processes")
+    if num_devices:
+        data_devices = num_devices // config.mesh_model
+        check(num_devices % config.mesh_model == 0,
+              f"mesh_model={config.mesh_model} does not divide the {num_devices} devices")
+        check(data_devices and (config.batch // config.accum_steps) % data_devices == 0,
+              f"the micro-batch batch/accum_steps={config.batch // config.accum_steps} does not "
+              f"split over {data_devices} data-parallel devices")
+        check(data_devices and config.batch_eval % data_devices == 0,
+              f"batch_eval={config.batch_eval} does not split over {data_devices} devices")
+    for key in ("progress_every", "eval_every", "checkpoint_every"):
+        check(config[key] > 0, f"{key} must be positive")
+    check(config.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+    check(config.token_mixing in ("auto", "block_diagonal", "resample", "reinit"),
+          f"token_mixing {config.token_mixing!r} is not auto/block_diagonal/resample/reinit")
+    check(not config.model_or_filename or config.pretrained_dir is not None,
+          "model_or_filename needs pretrained_dir")
+    if problems:
+        raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def with_defaults(config) -> ml_collections.ConfigDict:
+    """A copy of `config` with every key it lacks taken from `base_config()`."""
+    merged = base_config()
+    _merge_into(merged, config)
+    return merged
+
+
+def _merge_into(target, source):
+    for key, value in source.items():
+        if isinstance(value, ml_collections.ConfigDict) and key in target and key != "model":
+            _merge_into(target[key], value)
+        elif key == "model":
+            # Model overrides are open-ended (any MlpMixer field); validate() vets them.
+            for k, v in value.items():
+                target.model[k] = v
+        else:
+            target[key] = value
