@@ -36,19 +36,20 @@ example i of the host's endless stream gets its augmentation seed from
 (seed, host, i), and batch k its mixup seed from (seed, host, k). So
 `train_dataset(config, start_step=k)` yields exactly the batches an
 uninterrupted run yields from batch k on; it skips encoded records, which is
-cheap, before any decoding.
+cheap, before any decoding. (tf.data's shuffle also mixes in TF's global seed:
+a program that calls `tf.random.set_seed` must call it the same way on resume.)
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import io
-import logging
 import math
 import operator
 import os
 from typing import Any, Callable, Mapping, Sequence
 
+from absl import logging
 import jax
 import numpy as np
 import tensorflow as tf
@@ -174,13 +175,14 @@ def train_dataset(
         )
         return {"image": image, "label": tf.one_hot(record["label"], source.num_classes)}
 
+    @tf.autograph.experimental.do_not_convert
+    def mix(step, examples):
+        return augment.mixup(examples, _fold(base_seed, _MIXUP, step), mixup_alpha)
+
     ds = ds.map(make_example, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch, drop_remainder=True)
     if mixup_alpha > 0:
-        ds = ds.enumerate(start=start_step).map(
-            lambda step, b: augment.mixup(b, _fold(base_seed, _MIXUP, step), mixup_alpha),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
+        ds = ds.enumerate(start=start_step).map(mix, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -211,6 +213,7 @@ def eval_dataset(
     ranges = _host_ranges(split_ranges, process_index, process_count, drop_remainder=False)
     num_batches = math.ceil(math.ceil(total / process_count) / batch)
 
+    @tf.autograph.experimental.do_not_convert
     def make_example(record):
         return {
             "image": preprocess_for_eval(source.decode(record["image"]), crop, resize),
@@ -510,20 +513,20 @@ def _prepared_builder(name: str, data_dir: str | None, manual_dir: str | None):
 def _folder_source(root: str) -> _Source:
     """`root/{split}/<class>/<file>` -> a source; labels are sorted class names."""
     readable = _readable_extensions()
-    splits = sorted(d for d in tf.io.gfile.listdir(root) if _isdir(root, d))
-    files: dict[str, list[tuple[str, Any]]] = {}  # split -> (path, class)
+    by_class: dict[str, dict[str, list[str]]] = {}  # split -> class -> image paths
     skipped = []
-    for split in splits:
-        files[split] = []
+    for split in sorted(d for d in tf.io.gfile.listdir(root) if _isdir(root, d)):
+        by_class[split] = {}
         for cls in sorted(c for c in tf.io.gfile.listdir(os.path.join(root, split))
                           if _isdir(root, split, c)):
+            paths = by_class[split][cls] = []
             for name in sorted(tf.io.gfile.listdir(os.path.join(root, split, cls))):
                 path = os.path.join(root, split, cls, name)
                 if os.path.splitext(name)[1].lower() in readable:
-                    files[split].append((path, cls))
+                    paths.append(path)
                 elif not name.startswith("."):
                     skipped.append(path)
-    classes = sorted({cls for examples in files.values() for _, cls in examples})
+    classes = sorted({cls for split in by_class.values() for cls, paths in split.items() if paths})
     if not classes:
         raise DatasetNotPreparedError(
             f"Image directory {root} holds no images; expected {root}/<split>/<class>/<file>."
@@ -531,22 +534,24 @@ def _folder_source(root: str) -> _Source:
     if skipped:
         logging.warning("%s: skipped %d files that are not images, e.g. %s",
                         root, len(skipped), skipped[0])
-    label_of = {cls: i for i, cls in enumerate(classes)}
-    for split, examples in files.items():
+    label_of = {cls: label for label, cls in enumerate(classes)}
+    examples: dict[str, list[tuple[str, int]]] = {}  # split -> (path, label)
+    for split, paths_by_class in by_class.items():
+        ordered = [(p, label_of[c]) for c, paths in paths_by_class.items() for p in paths]
         # Class-sorted files would defeat a small shuffle buffer: fix a random order.
-        order = np.random.RandomState(_FOLDER_ORDER_SEED).permutation(len(examples))
-        files[split] = [(examples[i][0], label_of[examples[i][1]]) for i in order]
+        order = np.random.RandomState(_FOLDER_ORDER_SEED).permutation(len(ordered))
+        examples[split] = [ordered[i] for i in order]
 
     def read(ranges: Sequence[Range]) -> tf.data.Dataset:
-        examples = [ex for n, a, b in ranges for ex in files[n][a:b]]
+        chosen = [ex for split, start, end in ranges for ex in examples[split][start:end]]
         return tf.data.Dataset.from_tensor_slices({
-            "image": tf.constant([path for path, _ in examples], tf.string),
-            "label": tf.constant([label for _, label in examples], tf.int64),
+            "image": tf.constant([path for path, _ in chosen], tf.string),
+            "label": tf.constant([label for _, label in chosen], tf.int64),
         })
 
     split_infos = {
         split: tfds.core.SplitInfo(name=split, shard_lengths=[len(ex)], num_bytes=0)
-        for split, ex in files.items()
+        for split, ex in examples.items()
     }
     return _Source(
         name=root, label_names=classes, num_classes=len(classes),
