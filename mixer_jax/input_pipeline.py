@@ -204,8 +204,6 @@ def eval_dataset(
     batch = _host_batch(config.get("batch_eval") or _require(config, "batch"), process_count,
                         "batch_eval")
     crop, resize = _crop(pp), pp.get("resize") or None
-    if resize is not None and resize < crop:
-        raise ValueError(f"pp.resize ({resize}) must be >= pp.crop ({crop}).")
     split_ranges = _resolve_split(source, _require(pp, "test"))
     total = _count(split_ranges)
     if total == 0:
@@ -241,6 +239,8 @@ def preprocess_for_eval(image, crop: int, resize: int | None = None) -> tf.Tenso
     `crop` x `crop` cut out (the paper: 256 then 224); otherwise the whole
     image is resized to `crop` x `crop`.
     """
+    if resize and resize < crop:
+        raise ValueError(f"The eval resize ({resize}) must be >= the crop ({crop}).")
     image = to_rgb(image)
     if resize:
         image = _resize_shorter_side(image, resize)

@@ -28,7 +28,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 NAME = "sklearn_digits"
-NUM_TRAIN = 1437  # 80 % of the 1797 images; the other 360 are the test split.
+NUM_IMAGES = 1797
+NUM_TRAIN = 1437  # 80 % of the images; the other 360 are the test split.
 _SPLIT_SEED = 0
 _MAX_GREY = 16  # sklearn stores the digits as counts 0..16
 
@@ -79,8 +80,8 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _split_order() -> np.ndarray:
-    """Fixed permutation of the 1797 indices: first NUM_TRAIN train, rest test."""
-    return np.random.RandomState(_SPLIT_SEED).permutation(1797)
+    """Fixed permutation of the image indices: first NUM_TRAIN train, rest test."""
+    return np.random.RandomState(_SPLIT_SEED).permutation(NUM_IMAGES)
 
 
 def prepare(data_dir: str | None = None) -> tfds.core.DatasetBuilder:

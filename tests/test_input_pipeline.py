@@ -74,7 +74,7 @@ def test_sklearn_digits_holds_the_sklearn_images_in_a_fixed_split(tfds_dir):
     assert builder.info.splits["test"].num_examples == 360
     assert builder.info.features["label"].names == [str(d) for d in range(10)]
     splits = {
-        split: [(ex["image"], int(ex["label"])) for ex in tfds.as_numpy(builder.as_dataset(split=split))]
+        split: [(ex["image"], int(ex["label"])) for ex in tfds.as_numpy(builder.as_dataset(split))]
         for split in ("train", "test")
     }
     digits = load_digits()
@@ -313,7 +313,7 @@ def test_bad_inputs_give_clear_errors(tfds_dir):
                          process_count=2)
     with pytest.raises(ValueError, match="Bad split 'validation'"):
         ip.get_dataset_info(make_config("sklearn_digits", tfds_dir, pp={"train": "validation"}))
-    with pytest.raises(ValueError, match="pp.resize"):
+    with pytest.raises(ValueError, match="eval resize"):
         ip.eval_dataset(make_config("sklearn_digits", tfds_dir, pp={"resize": 4}))
 
 
