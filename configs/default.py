@@ -22,9 +22,9 @@ def get_config():
 
     config.optim = "adam"
     config.base_lr = 1e-2
-    config.warmup_steps = 30
+    config.warmup_steps = 20
     config.decay_type = "cosine"
-    config.total_steps = 300
+    config.total_steps = 200
     config.grad_norm_clip = 1.0
     config.batch = 128
     config.batch_eval = 128

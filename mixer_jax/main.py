@@ -25,6 +25,9 @@ flags.DEFINE_string("coordinator_address", None,
                     "or auto-detection).")
 flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process runs: index of this process.")
+flags.DEFINE_bool("distributed", False,
+                  "Initialise jax.distributed even when nothing says this is a multi-process "
+                  "launch (Cloud TPU VM pod slices, where jax finds the topology itself).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,7 +45,8 @@ def main(argv) -> None:
     from mixer_jax import parallel
 
     parallel.maybe_initialize_distributed(
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+        force=FLAGS.distributed)
     py_logging.getLogger("absl").addFilter(_QuietLibraries())
 
     import jax

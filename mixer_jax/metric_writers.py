@@ -16,6 +16,7 @@ import jax
 import tensorflow as tf
 from absl import logging
 from tensorflow.core.framework import summary_pb2
+from tensorflow.core.util import event_pb2
 
 METRICS_FILE = "metrics.jsonl"
 # What `tf.summary.scalar` attaches; written directly because that function lives in the
@@ -52,6 +53,7 @@ class MetricWriter:
             for name, value in scalars.items():
                 tf.summary.write(name, tf.constant(float(value), tf.float32),
                                  metadata=_SCALAR_METADATA)
+        self._summary.flush()  # reports are rare; a killed run keeps them all
 
     def close(self) -> None:
         if self.enabled:
@@ -67,8 +69,6 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def read_event_scalars(workdir: str) -> list[tuple[int, str, float]]:
     """(step, name, value) of every scalar in the TensorBoard event files of `workdir`."""
-    from tensorflow.core.util import event_pb2
-
     found = []
     for path in sorted(tf.io.gfile.glob(f"{workdir}/events.out.tfevents.*")):
         for record in tf.data.TFRecordDataset(path):

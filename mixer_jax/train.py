@@ -231,9 +231,9 @@ def prepare(config: ml_collections.ConfigDict, ckpt: train_checkpoint.TrainCheck
     model = create_model(config, info.num_classes, **overrides)
     tx, schedule = optim.make_optimizer(config)
     strategy = parallel.make_strategy(config, model, tx)
-    logging.info("Model %s (%s), %s, %d classes, %s.", config.model_name,
-                 ", ".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "as published",
-                 strategy, info.num_classes, config.dataset)
+    num_params = sum(x.size for x in jax.tree.leaves(strategy.abstract_state().params))
+    logging.info("Model %s with %s parameters, %d classes, %s on %s.", config.model_name,
+                 f"{num_params:,}", info.num_classes, strategy, config.dataset)
 
     start_step = ckpt.latest_step()
     if start_step is not None:

@@ -62,11 +62,18 @@ class TrainCheckpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state.params),
-            train=ocp.args.StandardRestore(_train_part(abstract_state)),
-            meta=ocp.args.JsonRestore(),
-        ))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_state.params),
+                train=ocp.args.StandardRestore(_train_part(abstract_state)),
+                meta=ocp.args.JsonRestore(),
+            ))
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"The checkpoint of step {step} in {self.directory} does not fit this run's "
+                f"model and optimizer state; it was written with another config (model, "
+                f"optimizer or model.scan). Resume with that config, or use a new workdir. "
+                f"({error})") from error
         return abstract_state.replace(params=restored.params, **restored.train), restored.meta
 
     def reached_preemption(self, step: int) -> bool:

@@ -167,6 +167,24 @@ def test_logs_progress_tensorboard_and_eval_over_every_example(uninterrupted, da
     assert train_checkpoint.TrainCheckpointer(workdir).all_steps() == [20, 30]
 
 
+def test_resuming_with_an_incompatible_config_says_so(uninterrupted, data_dir):
+    config = tiny_config(data_dir, model__scan=True)  # stacked blocks: another param tree
+    with train_checkpoint.TrainCheckpointer(uninterrupted[0]) as ckpt:
+        with pytest.raises(ValueError, match="step 30 .* does not fit this run's model"):
+            train.prepare(config, ckpt)
+
+
+def test_progress_line_shows_step_loss_rate_throughput_and_eta():
+    lines, now = [], [100.0]
+    progress = metric_writers.Progress(total_steps=1000, global_batch=64, start_step=0,
+                                       log=lines.append, clock=lambda: now[0])
+    progress.restart(1)  # step 1 (compilation) is not timed
+    now[0] += 9.0  # steps 2..10 in 9 s
+    figures = progress.report(10, {"loss": 2.5, "learning_rate": 0.001})
+    assert figures == {"img_per_sec": 64.0, "steps_per_sec": 1.0}
+    assert lines == ["step   10/1000 | loss 2.5 | learning_rate 0.001 | 64.0 img/s | ETA 16m30s"]
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     # Plain SGD with a huge rate and no clipping: the loss overflows after a few steps.
     config = tiny_config(data_dir, optim="sgd", momentum=0.0, base_lr=1e4, grad_norm_clip=None,
