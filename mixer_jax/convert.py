@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 from absl import app, flags, logging
 
-from mixer_jax import checkpoint, models, train_checkpoint
+from mixer_jax import checkpoint, metric_writers, models, train_checkpoint
 
 COMMANDS = ("npz-to-orbax", "orbax-to-npz")
 
@@ -55,6 +55,7 @@ def main(argv) -> None:
                              "--out=... (--npz=... | --checkpoint=... [--step=N])")
     if not FLAGS.out:
         raise app.UsageError("--out is required.")
+    metric_writers.quiet_library_logs()
     if argv[1] == "npz-to-orbax":
         if not FLAGS.npz:
             raise app.UsageError("npz-to-orbax needs --npz.")

@@ -11,10 +11,11 @@ initialised from the flags below, the environment, or TPU / SLURM auto-detection
 """
 from __future__ import annotations
 
-import logging as py_logging
-
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mixer_jax import metric_writers, parallel, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -31,28 +32,14 @@ flags.DEFINE_bool("distributed", False,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(py_logging.Filter):
-    """Hides the INFO chatter of orbax (a dozen lines per checkpoint); warnings stay."""
-
-    def filter(self, record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    # Before anything touches a jax backend.
-    from mixer_jax import parallel
-
+    # Before anything touches a jax backend (importing jax does not).
     parallel.maybe_initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
         force=FLAGS.distributed)
-    py_logging.getLogger("absl").addFilter(_QuietLibraries())
-
-    import jax
-
-    from mixer_jax import train
-
+    metric_writers.quiet_library_logs()
     logging.info("Process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].platform)

@@ -8,6 +8,7 @@ from `metrics.jsonl`; TensorBoard shows the latest value per step anyway.
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import math
 import time
 from typing import Callable, Mapping
@@ -141,3 +142,14 @@ def format_duration(seconds: float) -> str:
     if hours:
         return f"{hours}h{minutes:02d}m{secs:02d}s"
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class _QuietOrbax(py_logging.Filter):
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+    """Hides orbax's INFO chatter (a dozen lines per checkpoint) from the absl log; keeps
+    its warnings. For command-line tools, whose own INFO lines should stay readable."""
+    py_logging.getLogger("absl").addFilter(_QuietOrbax())

@@ -1,6 +1,5 @@
 """The training job end to end on the embedded digits: resume, fine-tuning, NaN, logs, accuracy."""
 import importlib.util
-import json
 import os
 import pathlib
 import signal
@@ -15,8 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mixer_jax import (checkpoint, convert, input_pipeline, metric_writers, models,
-                       train, train_checkpoint)
+from mixer_jax import checkpoint, convert, input_pipeline, metric_writers, train, train_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Every run here compiles the same few programs: a persistent compilation cache (set
