@@ -5,7 +5,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import jax
@@ -17,17 +16,6 @@ from PIL import Image
 from mixer_jax import checkpoint, convert, input_pipeline, metric_writers, train, train_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# Every run here compiles the same few programs: a persistent compilation cache (set
-# before anything compiles, i.e. at collection) makes all but the first load in ~1 s,
-# subprocesses included. Runs stay bitwise identical: a cached program is the same program.
-CACHE_ENV = {
-    "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    or os.path.join(tempfile.gettempdir(), "mixer_jax_test_compilation_cache"),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-}
-if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", CACHE_ENV["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 TRAIN_KEYS = {"step", "loss", "learning_rate", "grad_norm", "img_per_sec", "steps_per_sec"}
 EVAL_KEYS = {"step", "eval_loss", "eval_top1", "eval_top5", "eval_count"}
 
@@ -121,7 +109,7 @@ def uninterrupted(tmp_path_factory, data_dir):
 def test_run_killed_hard_and_resumed_ends_bitwise_identical(tmp_path, data_dir, uninterrupted):
     workdir = str(tmp_path / "killed")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", **CACHE_ENV)
+               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     code = _KILLED_RUN.format(tests=str(REPO / "tests"), data_dir=data_dir)
     proc = subprocess.run([sys.executable, "-c", code, workdir, "25", "20"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
@@ -259,7 +247,7 @@ def test_fine_tuning_from_an_orbax_run_restores_straight_into_the_shardings(
 
 @pytest.mark.slow
 def test_default_config_reaches_97_percent_from_the_command_line(tmp_path, data_dir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", **CACHE_ENV)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
     proc = subprocess.run(
         [sys.executable, "-m", "mixer_jax.main", "--config=configs/default.py",
