@@ -56,6 +56,8 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
                       "(default: 1024,2048,4096 on CPU, 4096,8192,16384 elsewhere).",
                       flag_values=fv)
     flags.DEFINE_list("mesh", ["8"], "Device counts for --mode=sharding.", flag_values=fv)
+    flags.DEFINE_integer("fsdp_min_size", sharding.DEFAULT_FSDP_MIN_SIZE, "FSDP keeps "
+                         "arrays with fewer elements replicated.", flag_values=fv)
     flags.DEFINE_bool("sharding_scan", True, "Scanned blocks in sharding mode (compiles "
                       "fast for deep models; memory is the same).", flag_values=fv)
     flags.DEFINE_integer("pipeline_batches", 20, "Timed batches in pipeline mode.",
@@ -107,7 +109,7 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
                 results["sharding"].append(sharding.sharding_memory(
                     variant, num_devices=n, batch_per_device=fv.batch, strategy=strategy,
                     dtype=fv.dtype, image_size=image_size, optimizer=fv.optimizer,
-                    scan=fv.sharding_scan, remat=fv.remat))
+                    scan=fv.sharding_scan, remat=fv.remat, fsdp_min_size=fv.fsdp_min_size))
     return results
 
 

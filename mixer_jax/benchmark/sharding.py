@@ -24,28 +24,42 @@ from mixer_jax.benchmark.measure import DTYPES, log, make_optimizer, make_train_
 STRATEGIES = ("data", "fsdp")
 
 
-def fsdp_spec(path: tuple, shape: tuple[int, ...], num_shards: int) -> P:
+# The token axis (S, the number of patches) of token-mixing weights, counted from
+# the end. Sharding it makes XLA split activations by token, i.e. the images by
+# space, and replicate whole batches to get there (seen for Mixer-H/14 on 256
+# devices: 2.4 TiB of temporaries instead of 45 GiB), so FSDP never picks it.
+_TOKEN_AXIS = {("Dense_0", "kernel"): -2, ("Dense_1", "kernel"): -1, ("Dense_1", "bias"): -1}
+DEFAULT_FSDP_MIN_SIZE = 2**16  # elements; smaller arrays stay replicated
+
+
+def fsdp_spec(path: tuple, shape: tuple[int, ...], num_shards: int,
+              min_size: int = DEFAULT_FSDP_MIN_SIZE) -> P:
     """Shards the largest dimension divisible by `num_shards` over 'data'.
 
-    Arrays with no such dimension (and scalars) stay replicated. The leading block
-    axis of scanned parameters is never sharded: the scan slices along it.
+    Arrays under `min_size` elements, or with no such dimension, stay replicated.
+    Never sharded: the leading block axis of scanned parameters (the scan slices
+    along it) and the token axis of token-mixing weights (see `_TOKEN_AXIS`).
     """
-    scanned = any(getattr(k, "key", None) == models.SCANNED_BLOCKS for k in path)
-    candidates = [d for d in range(1 if scanned else 0, len(shape))
-                  if shape[d] % num_shards == 0]
-    if not candidates:
+    names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+    excluded = {0} if models.SCANNED_BLOCKS in names else set()
+    if "token_mixing" in names and tuple(names[-2:]) in _TOKEN_AXIS:
+        excluded.add(len(shape) + _TOKEN_AXIS[tuple(names[-2:])])
+    candidates = [d for d in range(len(shape))
+                  if d not in excluded and shape[d] % num_shards == 0]
+    if math.prod(shape) < min_size or not candidates:
         return P()
     dim = max(candidates, key=lambda d: shape[d])
     return P(*(["data" if d == dim else None for d in range(len(shape))]))
 
 
-def tree_shardings(tree: Any, mesh: Mesh, strategy: str) -> Any:
+def tree_shardings(tree: Any, mesh: Mesh, strategy: str,
+                   fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> Any:
     """NamedShardings for every leaf of an abstract tree under `strategy`."""
     if strategy == "data":
         return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
     if strategy == "fsdp":
-        return jax.tree_util.tree_map_with_path(
-            lambda path, x: NamedSharding(mesh, fsdp_spec(path, x.shape, mesh.size)), tree)
+        return jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(
+            mesh, fsdp_spec(path, x.shape, mesh.size, fsdp_min_size)), tree)
     raise ValueError(f"Unknown strategy {strategy!r}; known: {STRATEGIES}.")
 
 
@@ -74,8 +88,8 @@ def mesh_of(num_devices: int) -> Mesh:
 
 def sharding_memory(variant: str, *, num_devices: int, batch_per_device: int,
                     strategy: str, dtype: str = "float32", image_size: int = 224,
-                    optimizer: str = "adam", scan: bool = True,
-                    remat: bool = False) -> dict[str, Any]:
+                    optimizer: str = "adam", scan: bool = True, remat: bool = False,
+                    fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> dict[str, Any]:
     """Per-device memory of one training step of `variant` under `strategy`
     ('data' or 'fsdp') on `num_devices` devices, from abstract shapes only."""
     model = models.create_model(variant, dtype=DTYPES[dtype], scan=scan, remat=remat)
@@ -86,7 +100,7 @@ def sharding_memory(variant: str, *, num_devices: int, batch_per_device: int,
     params = jax.eval_shape(model.init, jax.random.key(0), image)["params"]
     opt_state = jax.eval_shape(tx.init, params)
     state = (params, opt_state)
-    state_sharding = tree_shardings(state, mesh, strategy)
+    state_sharding = tree_shardings(state, mesh, strategy, fsdp_min_size)
     batch_sharding = NamedSharding(mesh, P("data"))
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32,
                                   sharding=batch_sharding)
@@ -105,7 +119,7 @@ def sharding_memory(variant: str, *, num_devices: int, batch_per_device: int,
     return {
         "variant": variant, "strategy": strategy, "devices": num_devices,
         "batch_per_device": batch_per_device, "image_size": image_size, "dtype": dtype,
-        "optimizer": optimizer, "scan": scan, "remat": remat,
+        "optimizer": optimizer, "scan": scan, "remat": remat, "fsdp_min_size": fsdp_min_size,
         "param_bytes": bytes_per_device(params, state_sharding[0]),
         "optimizer_bytes": bytes_per_device(opt_state, state_sharding[1]),
         "argument_bytes": analysis.argument_size_in_bytes,
