@@ -68,18 +68,20 @@ def test_xla_cost_analysis_agrees_with_analytic_count():
 def test_command_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "results.json"
     results = cli.main(["--variant=Mixer-Ti_4", "--image_size=32", "--batch=4",
-                        "--mode=inference,train", "--steps=2", "--ceiling_sizes=128,256",
+                        "--mode=inference,train", "--steps=3", "--ceiling_sizes=128,256",
+                        "--statistic=min",
                         f"--json={out}"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     ceiling = results["ceiling"]
     assert ceiling["flops_per_s"] == max(ceiling["by_size"].values()) > 0
+    assert ceiling["statistic"] == "min"
     assert [r["mode"] for r in results["runs"]] == ["inference", "train"]
     for run in results["runs"]:
         train = run["mode"] == "train"
         assert run["flops_per_step"] == flops.mixer_flops("Mixer-Ti_4", 32, 4, train=train)
-        assert run["images_per_s"] == pytest.approx(4 / run["median_s"])
-        assert run["achieved_flops_per_s"] == pytest.approx(run["flops_per_step"] / run["median_s"])
-        assert 0 < run["min_s"] <= run["median_s"]
+        assert run["step_s"] == run["min_s"] <= run["median_s"]  # --statistic=min
+        assert run["images_per_s"] == pytest.approx(4 / run["min_s"])
+        assert run["achieved_flops_per_s"] == pytest.approx(run["flops_per_step"] / run["min_s"])
         assert run["compile_s"] > 0
         assert 0 < run["xla_vs_analytic"] < 0.2  # tiny model: elementwise ops weigh more
         mem = run["memory"]
@@ -87,7 +89,7 @@ def test_command_runs_end_to_end(tmp_path, capsys):
         assert mem["argument_bytes"] >= (3 if train else 1) * 4 * run["param_count"]
         assert mem["compiled_peak_bytes"] >= mem["argument_bytes"]
     table = capsys.readouterr().out
-    assert "dense matmul ceiling (float32)" in table
+    assert "dense matmul ceiling (float32, min times)" in table
     assert "of ceiling" in table and "Mixer-Ti_4" in table
 
 
