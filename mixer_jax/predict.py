@@ -107,7 +107,8 @@ def load_model(checkpoint: str, *, variant: str | None = None, dtype: Any = jnp.
     if variant is not None:
         wanted = variant.replace("/", "_")
         if wanted not in models.VARIANTS:
-            raise PredictError(f"Unknown variant {variant!r}; known: {', '.join(models.VARIANTS)}.")
+            raise PredictError(f"Unknown variant {variant!r}; known: "
+                               f"{', '.join(models.VARIANTS)}.")
         fields = arch.model_fields()
         # The token MLP width aside: fine-tuning at a higher resolution may widen it.
         if any(fields[k] != v for k, v in models.VARIANTS[wanted].items()
@@ -215,7 +216,7 @@ def format_predictions(results: list[dict[str, Any]]) -> str:
             continue
         lines.append(r["path"])
         for t in r["top"]:
-            name = f"{t['label']} ({t['class']})" if t["label"] is not None else f"class {t['class']}"
+            name = f"class {t['class']}" if t["label"] is None else f"{t['label']} ({t['class']})"
             lines.append(f"  {t['probability']:8.2%}  {name}")
     return "\n".join(lines)
 

@@ -136,8 +136,10 @@ def test_fsdp_holds_an_nth_of_b16_parameters_per_device():
     # Only vectors (norms, biases: 0.16% of the parameters) stay replicated.
     assert total / 8 < fsdp < 1.02 * total / 8
     blocks = fsdp_sh[models.SCANNED_BLOCKS]["block"]
-    assert blocks["channel_mixing"]["Dense_0"]["kernel"].shard_shape((12, 768, 3072)) == (12, 768, 384)
-    assert blocks["token_mixing"]["Dense_0"]["kernel"].shard_shape((12, 196, 384)) == (12, 196, 48)
+    channel = blocks["channel_mixing"]["Dense_0"]["kernel"]
+    assert channel.shard_shape((12, 768, 3072)) == (12, 768, 384)
+    token = blocks["token_mixing"]["Dense_0"]["kernel"]
+    assert token.shard_shape((12, 196, 384)) == (12, 196, 48)
 
 
 def test_sharding_memory_from_compiled_step():

@@ -40,7 +40,8 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
                       flag_values=fv)
     flags.DEFINE_string("variant", None, "Mixer variant, e.g. Mixer-B_16 "
                         "(default: the config's model_name, else Mixer-B_16).", flag_values=fv)
-    flags.DEFINE_integer("batch", 32, "Images per device per step.", flag_values=fv)
+    flags.DEFINE_integer("batch", None, "Images per device per step (default: the config's "
+                         "batch split over the devices, else 32).", flag_values=fv)
     flags.DEFINE_integer("image_size", None, "Image side (default: the config's pp.crop, "
                          "else 224).", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", list(measure.DTYPES), "Compute dtype.",
@@ -93,6 +94,9 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
         raise ValueError(f"Unknown variant {variant!r}; known: {', '.join(models.VARIANTS)}.")
     image_size = fv.image_size or (config.pp.crop if config else 224)
 
+    def per_device_batch(devices: int) -> int:  # the config's global batch split, else 32
+        return fv.batch or (max(1, config.batch // devices) if config else 32)
+
     results: dict[str, Any] = {"environment": environment(), "ceiling": None,
                                "runs": [], "sharding": [], "pipeline": []}
     compute_modes = [m for m in modes if m in ("inference", "train")]
@@ -102,9 +106,9 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
                                                     statistic=fv.statistic)
     for mode in compute_modes:
         results["runs"].append(measure.benchmark_model(
-            variant, mode=mode, batch=fv.batch, dtype=fv.dtype, image_size=image_size,
-            steps=fv.steps, scan=fv.scan, remat=fv.remat, optimizer=fv.optimizer,
-            statistic=fv.statistic))
+            variant, mode=mode, batch=per_device_batch(jax.device_count()), dtype=fv.dtype,
+            image_size=image_size, steps=fv.steps, scan=fv.scan, remat=fv.remat,
+            optimizer=fv.optimizer, statistic=fv.statistic))
     if "pipeline" in modes:
         results["pipeline"].append(pipeline.benchmark_pipeline(
             config, batches=fv.pipeline_batches))
@@ -112,9 +116,9 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
         for n in (int(s) for s in fv.mesh):
             for strategy in sharding.STRATEGIES:
                 results["sharding"].append(sharding.sharding_memory(
-                    variant, num_devices=n, batch_per_device=fv.batch, strategy=strategy,
-                    dtype=fv.dtype, image_size=image_size, optimizer=fv.optimizer,
-                    scan=fv.sharding_scan, remat=fv.remat, fsdp_min_size=fv.fsdp_min_size))
+                    variant, num_devices=n, batch_per_device=per_device_batch(n),
+                    strategy=strategy, dtype=fv.dtype, image_size=image_size,
+                    optimizer=fv.optimizer, scan=fv.sharding_scan, remat=fv.remat, fsdp_min_size=fv.fsdp_min_size))
     return results
 
 
