@@ -118,7 +118,8 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
                 results["sharding"].append(sharding.sharding_memory(
                     variant, num_devices=n, batch_per_device=per_device_batch(n),
                     strategy=strategy, dtype=fv.dtype, image_size=image_size,
-                    optimizer=fv.optimizer, scan=fv.sharding_scan, remat=fv.remat, fsdp_min_size=fv.fsdp_min_size))
+                    optimizer=fv.optimizer, scan=fv.sharding_scan, remat=fv.remat,
+                    fsdp_min_size=fv.fsdp_min_size))
     return results
 
 
