@@ -82,6 +82,10 @@ def test_command_runs_end_to_end(tmp_path, capsys):
         assert run["step_s"] == run["min_s"] <= run["median_s"]  # --statistic=min
         assert run["images_per_s"] == pytest.approx(4 / run["min_s"])
         assert run["achieved_flops_per_s"] == pytest.approx(run["flops_per_step"] / run["min_s"])
+        # The ceiling's best size, timed again alternately with this run's steps.
+        assert run["ceiling_size"] == ceiling["size"] and run["ceiling_flops_per_s"] > 0
+        assert run["of_ceiling"] == pytest.approx(
+            run["achieved_flops_per_s"] / run["ceiling_flops_per_s"])
         assert run["compile_s"] > 0
         assert 0 < run["xla_vs_analytic"] < 0.2  # tiny model: elementwise ops weigh more
         mem = run["memory"]
@@ -89,7 +93,7 @@ def test_command_runs_end_to_end(tmp_path, capsys):
         assert mem["argument_bytes"] >= (3 if train else 1) * 4 * run["param_count"]
         assert mem["compiled_peak_bytes"] >= mem["argument_bytes"]
     table = capsys.readouterr().out
-    assert "dense matmul ceiling (float32, min times)" in table
+    assert "dense matmul sweep (float32, min times)" in table
     assert "of ceiling" in table and "Mixer-Ti_4" in table
 
 

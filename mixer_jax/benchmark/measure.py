@@ -33,15 +33,29 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def time_calls(call: Callable[[], Any], steps: int) -> dict[str, float]:
-    """Times `steps` calls of `call` (which must block until done) after one warm-up."""
-    call()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+def time_calls(calls: dict[str, Callable[[], Any]], steps: int) -> dict[str, dict]:
+    """Times `steps` rounds of `calls` (each must block until done), one warm-up each.
+
+    The calls alternate within every round, so that on a machine shared with other
+    work each sees the same conditions (a model and its ceiling, say).
+    """
+    for call in calls.values():
         call()
-        times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "steps": steps}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(steps):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "steps": steps}
+            for name, t in times.items()}
+
+
+def matmul_call(n: int, dtype: str) -> Callable[[], Any]:
+    """One n x n @ n x n matmul in `dtype` on random data, blocking."""
+    a, b = (host_random((n, n), DTYPES[dtype], seed) for seed in (0, 1))
+    matmul = jax.jit(jnp.matmul)
+    return lambda: matmul(a, b).block_until_ready()
 
 
 def matmul_ceiling(dtype: str = "float32", sizes: tuple[int, ...] | None = None,
@@ -50,14 +64,11 @@ def matmul_ceiling(dtype: str = "float32", sizes: tuple[int, ...] | None = None,
     n x n @ n x n products in `dtype` (FLOP/s from each size's `statistic` time)."""
     platform = jax.devices()[0].platform
     sizes = sizes or CEILING_SIZES.get(platform, CEILING_SIZES["default"])
-    matmul = jax.jit(jnp.matmul)
     by_size = {}
     for n in sizes:
         log(f"  matmul ceiling: timing {n}x{n} @ {n}x{n} ({dtype})...")
-        a, b = (host_random((n, n), DTYPES[dtype], seed) for seed in (0, 1))
-        timing = time_calls(lambda: matmul(a, b).block_until_ready(), steps)
+        timing = time_calls({"matmul": matmul_call(n, dtype)}, steps)["matmul"]
         by_size[n] = 2 * n**3 / timing[f"{statistic}_s"]
-        del a, b
     best = max(by_size, key=by_size.get)
     return {"dtype": dtype, "statistic": statistic, "flops_per_s": by_size[best], "size": best,
             "by_size": {str(n): f for n, f in by_size.items()}}
@@ -137,13 +148,15 @@ def synthetic_params(model: models.MlpMixer, image_size: int) -> dict:
 def benchmark_model(variant: str, *, mode: str, batch: int, dtype: str = "float32",
                     image_size: int = 224, steps: int = 10, scan: bool = False,
                     remat: bool = False, optimizer: str = "adam",
-                    statistic: str = "median") -> dict[str, Any]:
+                    statistic: str = "median", ceiling_size: int | None = None) -> dict[str, Any]:
     """Compiles and times a Mixer inference call or training step on the default device.
 
     Parameters are float32 (`param_dtype`) and `dtype` is the compute dtype, as in
     mixed-precision training. Returns images/s, step times, compile time, analytic
     and XLA FLOPs per step and the achieved FLOP/s (from the `statistic` step
-    time), and memory figures.
+    time), and memory figures. With `ceiling_size`, an n x n matmul is timed
+    alternately with the steps (`ceiling_flops_per_s`, `of_ceiling`): the same
+    conditions for both, however busy the machine.
     """
     if mode not in ("inference", "train"):
         raise ValueError(f"mode must be 'inference' or 'train', not {mode!r}.")
@@ -172,14 +185,22 @@ def benchmark_model(variant: str, *, mode: str, batch: int, dtype: str = "float3
     else:
         state = [args[0]]  # donated each step, so keep the newest
 
-        def call():
+        def call():  # waits for the whole new state, not just the loss
             state[0], loss = compiled(state[0], images, labels)
-            loss.block_until_ready()
+            jax.block_until_ready((state[0], loss))
 
-    log(f"{variant} {mode}: timing {steps} steps...")
-    timing = time_calls(call, steps)
+    calls = {"model": call}
+    if ceiling_size:
+        calls["ceiling"] = matmul_call(ceiling_size, dtype)
+    log(f"{variant} {mode}: timing {steps} steps"
+        + (f", alternating with a {ceiling_size}^3 matmul..." if ceiling_size else "..."))
+    timings = time_calls(calls, steps)
+    timing = timings["model"]
     analytic = mixer_flops(model, image_size, batch, train=mode == "train")
     counted = xla_flops(compiled)
+    ceiling = (2 * ceiling_size**3 / timings["ceiling"][f"{statistic}_s"]
+               if ceiling_size else None)
+    achieved = analytic / timing[f"{statistic}_s"]
     return {
         "mode": mode, "variant": variant, "batch": batch, "image_size": image_size,
         "dtype": dtype, "scan": scan, "remat": remat,
@@ -190,7 +211,9 @@ def benchmark_model(variant: str, *, mode: str, batch: int, dtype: str = "float3
         "flops_per_step": analytic,
         "xla_flops_per_step": counted,
         "xla_vs_analytic": None if counted is None else counted / analytic - 1,
-        "achieved_flops_per_s": analytic / timing[f"{statistic}_s"],
+        "achieved_flops_per_s": achieved,
+        "ceiling_size": ceiling_size, "ceiling_flops_per_s": ceiling,
+        "of_ceiling": None if ceiling is None else achieved / ceiling,
         "memory": memory_figures(compiled, device),
         "param_count": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
     }
