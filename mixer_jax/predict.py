@@ -244,9 +244,13 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status (1 if any file was unreadable)."""
+    argv = sys.argv if argv is None else ["predict", *argv]
     fv = flags.FlagValues()
     define_flags(fv)
-    files = fv(sys.argv if argv is None else ["predict", *argv])[1:]
+    if {"-h", "--help", "--helpfull"} & set(argv[1:]):
+        print(__doc__ + "\nFlags:\n" + fv.get_help())
+        return 0
+    files = fv(argv)[1:]
     if not files:
         raise PredictError("No image files given.")
     loaded = load_model(fv.checkpoint, variant=fv.variant, image_size=fv.image_size,

@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv if argv is None else ["benchmark", *argv]
     fv = flags.FlagValues()
     define_flags(fv, argv)
+    if {"-h", "--help", "--helpfull"} & set(argv[1:]):
+        print(__doc__ + "\nFlags:\n" + fv.get_help())
+        return {}
     fv(argv)
     if "sharding" in fv.mode:
         try:  # simulated devices for the mesh; only possible before jax starts
