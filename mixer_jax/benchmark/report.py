@@ -1,0 +1,72 @@
+"""Readable tables of benchmark results (the JSON output holds every field)."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_flops(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} "
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def compute_table(runs: list[dict[str, Any]]) -> str:
+    headers = ["mode", "variant", "batch", "dtype", "img/s", "step ms", "compile s",
+               "FLOP/img", "XLA vs analytic", "FLOP/s", "ceiling", "of ceiling", "peak mem"]
+    rows = []
+    for r in runs:
+        xla = r["xla_vs_analytic"]
+        xla_text = "n/a (scan)" if r["scan"] else ("-" if xla is None else f"{xla:+.1%}")
+        fraction = "-" if r["of_ceiling"] is None else f"{r['of_ceiling']:.1%}"
+        mem = r["memory"]
+        rows.append([
+            r["mode"], r["variant"], r["batch"], r["dtype"], f"{r['images_per_s']:.2f}",
+            f"{r['step_s'] * 1e3:.1f}", f"{r['compile_s']:.1f}",
+            human_flops(r["flops_per_step"] / r["batch"]), xla_text,
+            human_flops(r["achieved_flops_per_s"]), human_flops(r["ceiling_flops_per_s"]),
+            fraction,
+            human_bytes(mem["device_peak_bytes"] or mem["compiled_peak_bytes"]),
+        ])
+    return table(headers, rows)
+
+
+def ceiling_line(ceiling: dict[str, Any]) -> str:
+    sizes = ", ".join(f"{n}: {human_flops(f)}FLOP/s" for n, f in ceiling["by_size"].items())
+    return (f"dense matmul sweep ({ceiling['dtype']}, {ceiling['statistic']} times): "
+            f"{human_flops(ceiling['flops_per_s'])}FLOP/s (n = {sizes}); n = {ceiling['size']} "
+            "is timed again alongside each step below (the 'ceiling' column)")
+
+
+def sharding_table(results: list[dict[str, Any]]) -> str:
+    headers = ["devices", "strategy", "params/dev", "optimizer/dev", "args/dev (compiled)",
+               "temp/dev", "total/dev"]
+    rows = [[r["devices"], r["strategy"], human_bytes(r["param_bytes"]),
+             human_bytes(r["optimizer_bytes"]), human_bytes(r["argument_bytes"]),
+             human_bytes(r["temp_bytes"]), human_bytes(r["total_bytes"])] for r in results]
+    return table(headers, rows)
+
+
+def pipeline_table(results: list[dict[str, Any]]) -> str:
+    headers = ["dataset", "global batch", "host batch", "crop", "batch ms", "img/s"]
+    rows = [[r["dataset"], r["batch"], r["host_batch"], r["crop"],
+             f"{r['batch_s'] * 1e3:.1f}", f"{r['images_per_s']:.1f}"] for r in results]
+    return table(headers, rows)

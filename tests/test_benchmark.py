@@ -1,0 +1,189 @@
+"""Tests for mixer_jax.benchmark: FLOP counts, XLA cross-check, the command end to
+end, sharding memory plans, and the pipeline-only mode."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mixer_jax import models
+from mixer_jax.benchmark import __main__ as cli
+from mixer_jax.benchmark import flops, measure, sharding
+
+# Paper: forward GFLOP per 224x224 image.
+PAPER_GFLOPS = {"Mixer-B_16": 25.2, "Mixer-S_32": 2.0, "Mixer-L_16": 89.1}
+
+
+@pytest.mark.parametrize("variant", sorted(PAPER_GFLOPS))
+def test_forward_flops_match_paper(variant):
+    assert round(flops.mixer_flops(variant, 224) / 1e9, 1) == PAPER_GFLOPS[variant]
+
+
+def test_flops_terms_by_hand():
+    # Mixer-B/16 at 224: 196 tokens, C=768, D_S=384, D_C=3072, 12 blocks.
+    terms = flops.forward_flops_terms("Mixer-B_16", 224)
+    assert terms == {
+        "stem": 2 * 196 * 16 * 16 * 3 * 768,
+        "token_mixing": 12 * 2 * (768 * 196 * 384 + 768 * 384 * 196),
+        "channel_mixing": 12 * 2 * (196 * 768 * 3072 + 196 * 3072 * 768),
+        "head": 2 * 768 * 1000,
+    }
+    # Tokens scale with the image area; the head does not.
+    at_448 = flops.forward_flops_terms("Mixer-B_16", 448)
+    assert at_448["channel_mixing"] == 4 * terms["channel_mixing"]
+    assert at_448["head"] == terms["head"]
+
+
+def test_train_flops_are_three_forward_passes_less_stem_input_gradient():
+    forward = flops.mixer_flops("Mixer-B_16", 224, batch=8)
+    stem = 8 * flops.forward_flops_terms("Mixer-B_16", 224)["stem"]
+    assert flops.mixer_flops("Mixer-B_16", 224, batch=8, train=True) == 3 * forward - stem
+    assert flops.mixer_flops("Mixer-B_16", 224, batch=8) == 8 * flops.mixer_flops("Mixer-B_16")
+
+
+def test_flops_reject_indivisible_image_size():
+    with pytest.raises(ValueError, match="divisible"):
+        flops.mixer_flops("Mixer-B_16", 100)
+
+
+def test_xla_cost_analysis_agrees_with_analytic_count():
+    # Wide enough that matmuls dominate (as in every published variant), two blocks
+    # so that it compiles in seconds.
+    model = models.MlpMixer(patch_size=8, num_blocks=2, hidden_dim=256, tokens_mlp_dim=128,
+                            channels_mlp_dim=1024, num_classes=100)
+    images, labels = measure.synthetic_batch(model, 4, 64)
+    params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, images).compile()
+    tx = measure.make_optimizer("sgd")
+    state = (params, jax.eval_shape(tx.init, params))
+    train = jax.jit(measure.make_train_step(model, tx)).lower(state, images, labels).compile()
+    forward_ratio = flops.xla_flops(forward) / flops.mixer_flops(model, 64, 4)
+    train_ratio = flops.xla_flops(train) / flops.mixer_flops(model, 64, 4, train=True)
+    assert 1.0 <= forward_ratio < 1.03, forward_ratio  # XLA adds GELU, norms, adds
+    assert 1.0 <= train_ratio < 1.05, train_ratio
+
+
+def test_command_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    results = cli.main(["--variant=Mixer-Ti_4", "--image_size=32", "--batch=4",
+                        "--mode=inference,train", "--steps=3", "--ceiling_sizes=128,256",
+                        "--statistic=min",
+                        f"--json={out}"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    ceiling = results["ceiling"]
+    assert ceiling["flops_per_s"] == max(ceiling["by_size"].values()) > 0
+    assert ceiling["statistic"] == "min"
+    assert [r["mode"] for r in results["runs"]] == ["inference", "train"]
+    for run in results["runs"]:
+        train = run["mode"] == "train"
+        assert run["flops_per_step"] == flops.mixer_flops("Mixer-Ti_4", 32, 4, train=train)
+        assert run["step_s"] == run["min_s"] <= run["median_s"]  # --statistic=min
+        assert run["images_per_s"] == pytest.approx(4 / run["min_s"])
+        assert run["achieved_flops_per_s"] == pytest.approx(run["flops_per_step"] / run["min_s"])
+        # The ceiling's best size, timed again alternately with this run's steps.
+        assert run["ceiling_size"] == ceiling["size"] and run["ceiling_flops_per_s"] > 0
+        assert run["of_ceiling"] == pytest.approx(
+            run["achieved_flops_per_s"] / run["ceiling_flops_per_s"])
+        assert run["compile_s"] > 0
+        assert 0 < run["xla_vs_analytic"] < 0.2  # tiny model: elementwise ops weigh more
+        mem = run["memory"]
+        # Arguments hold at least the float32 parameters (and, training, Adam's two moments).
+        assert mem["argument_bytes"] >= (3 if train else 1) * 4 * run["param_count"]
+        assert mem["compiled_peak_bytes"] >= mem["argument_bytes"]
+    table = capsys.readouterr().out
+    assert "dense matmul sweep (float32, min times)" in table
+    assert "of ceiling" in table and "Mixer-Ti_4" in table
+
+
+def test_command_rejects_bad_requests():
+    with pytest.raises(ValueError, match="Unknown mode"):
+        cli.main(["--mode=inferense"])
+    with pytest.raises(ValueError, match="needs --config"):
+        cli.main(["--mode=pipeline"])
+    with pytest.raises(ValueError, match="Unknown variant"):
+        cli.main(["--variant=Mixer-X_9", "--mode=inference"])
+
+
+def test_fsdp_spec_shards_largest_divisible_dim_except_block_and_token_axes():
+    key = jax.tree_util.DictKey
+    head = (key("head"), key("kernel"))
+    assert sharding.fsdp_spec(head, (768, 1000), 8) == P(None, "data")
+    assert sharding.fsdp_spec(head, (768, 1001), 8) == P("data", None)
+    assert sharding.fsdp_spec((key("head"), key("bias")), (1000,), 8) == P()  # small
+    assert sharding.fsdp_spec((key("head"), key("bias")), (1000,), 8, min_size=0) == P("data")
+    block = (key(models.SCANNED_BLOCKS), key("block"))
+    channel = block + (key("channel_mixing"), key("Dense_0"), key("kernel"))
+    assert sharding.fsdp_spec(channel, (16, 768, 3072), 16) == P(None, None, "data")
+    assert sharding.fsdp_spec(channel, (16, 768, 3072), 1024) == P(None, None, "data")
+    assert sharding.fsdp_spec(channel, (16, 768, 3072), 4096) == P()  # only the block axis
+    # Token-mixing weights: never their token axis (196 or 256 patches), even when
+    # it is the only one that divides.
+    token_0 = block + (key("token_mixing"), key("Dense_0"), key("kernel"))
+    token_1 = block + (key("token_mixing"), key("Dense_1"), key("kernel"))
+    assert sharding.fsdp_spec(token_0, (32, 256, 640), 128) == P(None, None, "data")
+    assert sharding.fsdp_spec(token_0, (32, 256, 640), 256) == P()
+    assert sharding.fsdp_spec(token_1, (32, 640, 256), 256) == P()
+    assert sharding.fsdp_spec(token_1, (32, 640, 256), 128) == P(None, "data", None)
+
+
+def test_fsdp_holds_an_nth_of_b16_parameters_per_device():
+    mesh = sharding.mesh_of(8)
+    model = models.create_model("Mixer-B_16", scan=True)
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))["params"]
+    total = 4 * sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    data = sharding.bytes_per_device(params, sharding.tree_shardings(params, mesh, "data"))
+    fsdp_sh = sharding.tree_shardings(params, mesh, "fsdp")
+    fsdp = sharding.bytes_per_device(params, fsdp_sh)
+    assert data == total
+    # Only vectors (norms, biases: 0.16% of the parameters) stay replicated.
+    assert total / 8 < fsdp < 1.02 * total / 8
+    blocks = fsdp_sh[models.SCANNED_BLOCKS]["block"]
+    channel = blocks["channel_mixing"]["Dense_0"]["kernel"]
+    assert channel.shard_shape((12, 768, 3072)) == (12, 768, 384)
+    token = blocks["token_mixing"]["Dense_0"]["kernel"]
+    assert token.shard_shape((12, 196, 384)) == (12, 196, 48)
+
+
+def test_sharding_memory_from_compiled_step():
+    common = dict(num_devices=8, batch_per_device=2, image_size=32, optimizer="adam",
+                  scan=False, fsdp_min_size=0)
+    data = sharding.sharding_memory("Mixer-Ti_4", strategy="data", **common)
+    fsdp = sharding.sharding_memory("Mixer-Ti_4", strategy="fsdp", **common)
+    # Every Ti_4 dimension divides by 8; replicated stay only the token-mixing output
+    # biases (2 blocks x 64 tokens, float32) and Adam's step count (int32).
+    token_biases = 2 * 64 * 4
+    assert fsdp["param_bytes"] == (data["param_bytes"] - token_biases) / 8 + token_biases
+    assert fsdp["optimizer_bytes"] == (data["optimizer_bytes"] - 2 * token_biases - 4) / 8 \
+        + 2 * token_biases + 4
+    batch_bytes = 2 * 32 * 32 * 3 * 4 + 2 * 1000 * 4  # images + one-hot labels, per device
+    for r in (data, fsdp):  # the compiled arguments are exactly params + optimizer + batch
+        assert r["argument_bytes"] == r["param_bytes"] + r["optimizer_bytes"] + batch_bytes
+        assert r["total_bytes"] >= r["argument_bytes"]
+
+
+PIPELINE_CONFIG = """
+import ml_collections
+
+def get_config():
+    return ml_collections.ConfigDict({
+        "dataset": "sklearn_digits", "tfds_data_dir": %r, "batch": 16,
+        "shuffle_buffer": 64, "seed": 0, "model_name": "Mixer-Ti_4",
+        "pp": {"train": "train", "test": "test", "crop": 8, "resize": None,
+               "inception_crop": False, "flip": False, "randaugment": None, "mixup": 0.0},
+    })
+"""
+
+
+def test_pipeline_mode_reports_throughput(tmp_path, capsys):
+    pytest.importorskip("mixer_jax.input_pipeline")
+    config = tmp_path / "digits.py"
+    config.write_text(PIPELINE_CONFIG % str(tmp_path / "tfds"))
+    results = cli.main([f"--config={config}", "--config.batch=8", "--mode=pipeline",
+                        "--pipeline_batches=5"])
+    (result,) = results["pipeline"]
+    assert result["dataset"] == "sklearn_digits"
+    assert result["host_batch"] == 8 and result["crop"] == 8
+    assert result["images_per_s"] == pytest.approx(8 / result["batch_s"]) and result["batch_s"] > 0
+    assert "input pipeline" in capsys.readouterr().out
