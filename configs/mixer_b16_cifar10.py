@@ -3,8 +3,9 @@
 As in the original code (vit_jax's `mixer_base16_cifar10` config): SGD with momentum
 0.9 kept in bfloat16, global batch 512 accumulated over 8 micro-batches, 10k steps,
 500 warmup steps then cosine decay from lr 0.03, gradient clipping at norm 1, no
-weight decay, 224x224 inputs in [-1, 1]. The paper reports 98.34% for L/16 and
-96.72% for B/16 (from ImageNet-1k) on CIFAR-10 with this recipe.
+weight decay, 224x224 inputs in [-1, 1] (see `train_config.b16_transfer_config`).
+The paper reports 98.34% for L/16 and 96.72% for B/16 (from ImageNet-1k) on
+CIFAR-10 with this recipe.
 
   python -m mixer_jax.main --config=configs/mixer_b16_cifar10.py --workdir=/tmp/b16_cifar10 \\
       --config.pretrained_dir=/path/to/imagenet21k   # holds Mixer-B_16.npz
@@ -16,32 +17,10 @@ from mixer_jax import train_config
 
 
 def get_config(dataset: str | None = None):
-    config = train_config.base_config()
-    config.dataset = dataset or "cifar10"
-    config.pp.train = "train"
-    config.pp.test = "test"
-    config.pp.crop = 224
-    config.pp.resize = 256  # eval: shorter side 256, centre crop 224 (the paper)
-    config.pp.inception_crop = True
-    config.pp.flip = True
-
-    config.model_name = "Mixer-B_16"
-    config.pretrained_dir = "gs://mixer_models/imagenet21k"
-    config.model_or_filename = "Mixer-B_16"  # -> <pretrained_dir>/Mixer-B_16.npz
-
-    config.optim = "sgd"
-    config.momentum = 0.9
-    config.mu_dtype = "bfloat16"
+    config = train_config.b16_transfer_config(dataset or "cifar10")
     config.base_lr = 0.03
     config.warmup_steps = 500
-    config.decay_type = "cosine"
     config.total_steps = 10_000
-    config.grad_norm_clip = 1.0
-    config.weight_decay = 0.0
-    config.batch = 512
-    config.accum_steps = 8
-    config.batch_eval = 512
-
     config.progress_every = 100
     config.eval_every = 1000
     config.checkpoint_every = 1000

@@ -93,6 +93,27 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def b16_transfer_config(dataset: str) -> ml_collections.ConfigDict:
+    """The paper's transfer recipe for Mixer-B/16 (ImageNet-21k) on `dataset`.
+
+    As the original code: SGD momentum 0.9 kept in bfloat16, global batch 512
+    accumulated over 8 micro-batches, 500 warmup steps then cosine decay, clipping
+    at norm 1, no weight decay, 224x224 crops (eval: shorter side 256, centre crop).
+    """
+    c = base_config()
+    c.dataset = dataset
+    c.pp.crop, c.pp.resize = 224, 256
+    c.pp.inception_crop = c.pp.flip = True
+    c.model_name = c.model_or_filename = "Mixer-B_16"  # -> <pretrained_dir>/Mixer-B_16.npz
+    c.pretrained_dir = "gs://mixer_models/imagenet21k"
+    c.optim, c.momentum, c.mu_dtype = "sgd", 0.9, "bfloat16"
+    c.weight_decay, c.grad_norm_clip = 0.0, 1.0
+    c.decay_type = "cosine"
+    c.batch = c.batch_eval = 512
+    c.accum_steps = 8
+    return c
+
+
 def _model_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(models.MlpMixer)} - {"parent", "name", "num_classes"}
 
