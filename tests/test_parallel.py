@@ -1,5 +1,6 @@
 """Parallel strategies (mixer_jax.parallel) on 8 simulated CPU devices."""
 import functools
+import math
 
 import jax
 import numpy as np
@@ -169,6 +170,21 @@ def test_fsdp_never_splits_the_token_axis_of_h14_on_256_devices(scan):
         if "token_mixing" in names and names[-2:] != ("Dense_0", "bias"):
             token_axis = -2 if names[-2:] == ("Dense_0", "kernel") else -1
             assert tuple(spec)[len(shape) + token_axis] is None, names
+
+
+def test_lower_train_step_plans_memory_from_shapes():
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in synthetic_batch(0).items()}
+    batch_bytes = sum(v.size * v.dtype.itemsize for v in batch.values()) // 8
+    state_bytes = {}
+    for name in ("data", "fsdp"):
+        strategy = strategy_for(name)
+        analysis = strategy.lower_train_step(batch).compile().memory_analysis()
+        state_bytes[name] = sum(
+            math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+            for x in jax.tree.leaves(strategy.abstract_state()))
+        # The compiled step takes exactly this device's shard of the state and batch.
+        assert analysis.argument_size_in_bytes == state_bytes[name] + batch_bytes
+    assert state_bytes["fsdp"] < state_bytes["data"] / 2
 
 
 def test_scanned_layout_sharding():
