@@ -1,14 +1,14 @@
 """Tests for mixer_jax.benchmark: FLOP counts, XLA cross-check, the command end to
 end, sharding memory plans, and the pipeline-only mode."""
+import functools
 import json
 import math
 
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mixer_jax import models
+from mixer_jax import models, parallel, steps
 from mixer_jax.benchmark import __main__ as cli
 from mixer_jax.benchmark import flops, measure, sharding
 
@@ -56,9 +56,12 @@ def test_xla_cost_analysis_agrees_with_analytic_count():
     images, labels = measure.synthetic_batch(model, 4, 64)
     params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, images).compile()
-    tx = measure.make_optimizer("sgd")
-    state = (params, jax.eval_shape(tx.init, params))
-    train = jax.jit(measure.make_train_step(model, tx)).lower(state, images, labels).compile()
+    tx = measure.recipe_optimizer("sgd")
+    state = jax.eval_shape(functools.partial(steps.init_state, model, tx, image_shape=(64, 64, 3)),
+                           jax.random.PRNGKey(0))
+    train_step = functools.partial(steps.train_step, model=model, tx=tx)
+    batch = {"image": images, "label": labels}
+    train = jax.jit(train_step).lower(state, batch).compile()
     forward_ratio = flops.xla_flops(forward) / flops.mixer_flops(model, 64, 4)
     train_ratio = flops.xla_flops(train) / flops.mixer_flops(model, 64, 4, train=True)
     assert 1.0 <= forward_ratio < 1.03, forward_ratio  # XLA adds GELU, norms, adds
@@ -106,44 +109,37 @@ def test_command_rejects_bad_requests():
         cli.main(["--variant=Mixer-X_9", "--mode=inference"])
 
 
-def test_fsdp_spec_shards_largest_divisible_dim_except_block_and_token_axes():
-    key = jax.tree_util.DictKey
-    head = (key("head"), key("kernel"))
-    assert sharding.fsdp_spec(head, (768, 1000), 8) == P(None, "data")
-    assert sharding.fsdp_spec(head, (768, 1001), 8) == P("data", None)
-    assert sharding.fsdp_spec((key("head"), key("bias")), (1000,), 8) == P()  # small
-    assert sharding.fsdp_spec((key("head"), key("bias")), (1000,), 8, min_size=0) == P("data")
-    block = (key(models.SCANNED_BLOCKS), key("block"))
-    channel = block + (key("channel_mixing"), key("Dense_0"), key("kernel"))
-    assert sharding.fsdp_spec(channel, (16, 768, 3072), 16) == P(None, None, "data")
-    assert sharding.fsdp_spec(channel, (16, 768, 3072), 1024) == P(None, None, "data")
-    assert sharding.fsdp_spec(channel, (16, 768, 3072), 4096) == P()  # only the block axis
-    # Token-mixing weights: never their token axis (196 or 256 patches), even when
-    # it is the only one that divides.
-    token_0 = block + (key("token_mixing"), key("Dense_0"), key("kernel"))
-    token_1 = block + (key("token_mixing"), key("Dense_1"), key("kernel"))
-    assert sharding.fsdp_spec(token_0, (32, 256, 640), 128) == P(None, None, "data")
-    assert sharding.fsdp_spec(token_0, (32, 256, 640), 256) == P()
-    assert sharding.fsdp_spec(token_1, (32, 640, 256), 256) == P()
-    assert sharding.fsdp_spec(token_1, (32, 640, 256), 128) == P(None, "data", None)
+def test_recipe_optimizers_are_trainings_own():
+    # Adam keeps two moments per parameter, SGD with momentum one.
+    params = {"w": jnp.ones((3, 4)), "b": jnp.ones((4,))}
+    def state_floats(name):
+        state = measure.recipe_optimizer(name).init(params)
+        return sum(x.size for x in jax.tree.leaves(state) if x.dtype == jnp.float32)
+    assert state_floats("adam") == 2 * 16 and state_floats("sgd") == 16
+    with pytest.raises(ValueError, match="Unknown optimizer"):
+        measure.recipe_optimizer("lamb")
+
+
+def abstract_state(variant, strategy, num_devices, image_size, **kw):
+    model = models.create_model(variant, scan=True)
+    runner = parallel.MeshStrategy(
+        model, measure.recipe_optimizer("adam"), image_shape=(image_size, image_size, 3),
+        mesh=sharding.mesh_of(num_devices), fsdp=strategy == "fsdp", **kw)
+    return runner.abstract_state()
 
 
 def test_fsdp_holds_an_nth_of_b16_parameters_per_device():
-    mesh = sharding.mesh_of(8)
-    model = models.create_model("Mixer-B_16", scan=True)
-    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))["params"]
-    total = 4 * sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    data = sharding.bytes_per_device(params, sharding.tree_shardings(params, mesh, "data"))
-    fsdp_sh = sharding.tree_shardings(params, mesh, "fsdp")
-    fsdp = sharding.bytes_per_device(params, fsdp_sh)
-    assert data == total
+    data = abstract_state("Mixer-B_16", "data", 8, 224).params
+    fsdp = abstract_state("Mixer-B_16", "fsdp", 8, 224).params
+    total = 4 * sum(math.prod(x.shape) for x in jax.tree.leaves(data))
+    assert sharding.bytes_per_device(data) == total
     # Only vectors (norms, biases: 0.16% of the parameters) stay replicated.
-    assert total / 8 < fsdp < 1.02 * total / 8
-    blocks = fsdp_sh[models.SCANNED_BLOCKS]["block"]
+    assert total / 8 < sharding.bytes_per_device(fsdp) < 1.02 * total / 8
+    blocks = fsdp[models.SCANNED_BLOCKS]["block"]
     channel = blocks["channel_mixing"]["Dense_0"]["kernel"]
-    assert channel.shard_shape((12, 768, 3072)) == (12, 768, 384)
+    assert channel.sharding.shard_shape(channel.shape) == (12, 768, 384)
     token = blocks["token_mixing"]["Dense_0"]["kernel"]
-    assert token.shard_shape((12, 196, 384)) == (12, 196, 48)
+    assert token.sharding.shard_shape(token.shape) == (12, 196, 48)  # never the 196 tokens
 
 
 def test_sharding_memory_from_compiled_step():
@@ -152,15 +148,21 @@ def test_sharding_memory_from_compiled_step():
     data = sharding.sharding_memory("Mixer-Ti_4", strategy="data", **common)
     fsdp = sharding.sharding_memory("Mixer-Ti_4", strategy="fsdp", **common)
     # Every Ti_4 dimension divides by 8; replicated stay only the token-mixing output
-    # biases (2 blocks x 64 tokens, float32) and Adam's step count (int32).
+    # biases (2 blocks x 64 tokens, float32: the token axis is never split) and the
+    # optimizer's two int32 step counts (Adam's and the schedule's).
     token_biases = 2 * 64 * 4
+    counts = 2 * 4
     assert fsdp["param_bytes"] == (data["param_bytes"] - token_biases) / 8 + token_biases
-    assert fsdp["optimizer_bytes"] == (data["optimizer_bytes"] - 2 * token_biases - 4) / 8 \
-        + 2 * token_biases + 4
+    assert fsdp["optimizer_bytes"] == (data["optimizer_bytes"] - 2 * token_biases - counts) / 8 \
+        + 2 * token_biases + counts
     batch_bytes = 2 * 32 * 32 * 3 * 4 + 2 * 1000 * 4  # images + one-hot labels, per device
-    for r in (data, fsdp):  # the compiled arguments are exactly params + optimizer + batch
-        assert r["argument_bytes"] == r["param_bytes"] + r["optimizer_bytes"] + batch_bytes
+    step_and_rng = 4 + 2 * 4  # int32 step, uint32[2] key
+    for r in (data, fsdp):  # the compiled arguments are exactly the state + batch
+        assert r["argument_bytes"] == (r["param_bytes"] + r["optimizer_bytes"] + step_and_rng
+                                       + batch_bytes)
         assert r["total_bytes"] >= r["argument_bytes"]
+    with pytest.raises(ValueError, match="Unknown strategy"):
+        sharding.sharding_memory("Mixer-Ti_4", strategy="pmap", **common)
 
 
 PIPELINE_CONFIG = """

@@ -1,5 +1,6 @@
 """Parallel strategies (mixer_jax.parallel) on 8 simulated CPU devices."""
 import functools
+import math
 
 import jax
 import numpy as np
@@ -115,7 +116,8 @@ def test_partition_rules_on_published_shapes():
     assert spec(("params", "head", "kernel"), (768, 21843), data_size=8, fsdp=True) == P(
         "data", None)
     # model axis: the MLP hidden dim (Dense_0 output, Dense_1 input), FSDP on what is left
-    assert spec(tok0, (196, 384), data_size=4, model_size=2, fsdp=True) == P("data", "model")
+    # ... but never the token axis of token-mixing weights (see the H/14 test)
+    assert spec(tok0, (196, 384), data_size=4, model_size=2, fsdp=True) == P(None, "model")
     assert spec(tok0b, (384,), data_size=4, model_size=2) == P("model")
     assert spec(ch1, (3072, 768), data_size=4, model_size=2, fsdp=True) == P("model", "data")
     assert spec(ch1, (3072, 768), data_size=4, model_size=2, fsdp=False) == P("model", None)
@@ -134,6 +136,55 @@ def test_partition_rules_on_published_shapes():
     assert spec(scanned_bias, (12, 196), data_size=12, fsdp=True) == P(None, None)
     assert spec(scanned, (12, 768, 3072), data_size=4, model_size=2, fsdp=True) == P(
         None, "data", "model")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_fsdp_never_splits_the_token_axis_of_h14_on_256_devices(scan):
+    # H/14 at 224 has S = 256 patches: the only dimension of its token-mixing kernels
+    # (256 x 640) that 256 divides. Splitting it made XLA split images spatially and
+    # replicate the batch (2.4 TiB of temporaries per device), so they stay replicated.
+    model = models.create_model("Mixer-H_14", scan=scan)
+    image = jax.ShapeDtypeStruct((1, 224, 224, 3), jax.numpy.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), image)["params"]
+    specs = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+        names = ("params",) + tuple(k.key for k in path)
+        specs[names[1:]] = (leaf.shape, parallel.partition_spec(
+            names, leaf.shape, data_size=256, fsdp=True, fsdp_min_size=0))
+    block = (models.SCANNED_BLOCKS, "block") if scan else ("MixerBlock_7",)
+    lead = (32,) if scan else ()
+    token, channel = block + ("token_mixing",), block + ("channel_mixing",)
+    none = (None,) * len(lead)
+    assert specs[token + ("Dense_0", "kernel")] == (lead + (256, 640), P(*none, None, None))
+    assert specs[token + ("Dense_1", "kernel")] == (lead + (640, 256), P(*none, None, None))
+    assert specs[token + ("Dense_1", "bias")] == (lead + (256,), P(*none, None))
+    # Every other dimension that divides still is split: the channel MLP's hidden dim,
+    # and the token MLP's when it divides (640 on 128 devices).
+    assert specs[channel + ("Dense_0", "kernel")] == (lead + (1280, 5120), P(*none, None, "data"))
+    assert specs[channel + ("Dense_1", "kernel")] == (lead + (5120, 1280), P(*none, "data", None))
+    assert parallel.partition_spec(
+        ("params",) + token + ("Dense_0", "kernel"), lead + (256, 640), data_size=128,
+        fsdp=True) == P(*none, None, "data")
+    # No leaf anywhere has its token axis split.
+    for names, (shape, spec) in specs.items():
+        if "token_mixing" in names and names[-2:] != ("Dense_0", "bias"):
+            token_axis = -2 if names[-2:] == ("Dense_0", "kernel") else -1
+            assert tuple(spec)[len(shape) + token_axis] is None, names
+
+
+def test_lower_train_step_plans_memory_from_shapes():
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in synthetic_batch(0).items()}
+    batch_bytes = sum(v.size * v.dtype.itemsize for v in batch.values()) // 8
+    state_bytes = {}
+    for name in ("data", "fsdp"):
+        strategy = strategy_for(name)
+        analysis = strategy.lower_train_step(batch).compile().memory_analysis()
+        state_bytes[name] = sum(
+            math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+            for x in jax.tree.leaves(strategy.abstract_state()))
+        # The compiled step takes exactly this device's shard of the state and batch.
+        assert analysis.argument_size_in_bytes == state_bytes[name] + batch_bytes
+    assert state_bytes["fsdp"] < state_bytes["data"] / 2
 
 
 def test_scanned_layout_sharding():

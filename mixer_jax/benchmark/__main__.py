@@ -26,7 +26,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from mixer_jax import models
+from mixer_jax import models, parallel
 from mixer_jax.benchmark import measure, pipeline, report, sharding
 
 MODES = ("inference", "train", "pipeline", "sharding")
@@ -61,7 +61,7 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
                       "(default: 1024,2048,4096 on CPU, 4096,8192,16384 elsewhere).",
                       flag_values=fv)
     flags.DEFINE_list("mesh", ["8"], "Device counts for --mode=sharding.", flag_values=fv)
-    flags.DEFINE_integer("fsdp_min_size", sharding.DEFAULT_FSDP_MIN_SIZE, "FSDP keeps "
+    flags.DEFINE_integer("fsdp_min_size", parallel.DEFAULT_FSDP_MIN_SIZE, "FSDP keeps "
                          "arrays with fewer elements replicated.", flag_values=fv)
     flags.DEFINE_bool("sharding_scan", True, "Scanned blocks in sharding mode (compiles "
                       "fast for deep models; memory is the same).", flag_values=fv)

@@ -8,6 +8,7 @@ Both are always recorded.
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import time
@@ -18,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mixer_jax import models
+from mixer_jax import models, optim, train_config
+from mixer_jax.steps import init_state, train_step
 from mixer_jax.benchmark.flops import mixer_flops, xla_flops
 
 # Square matmul sizes tried for the ceiling, per platform: big enough to be
@@ -91,31 +93,22 @@ def memory_figures(compiled: Any, device: jax.Device) -> dict[str, int | None]:
     return figures
 
 
-def make_optimizer(name: str) -> optax.GradientTransformation:
-    """The two optimizer families of the recipes: SGD+momentum (fine-tuning), Adam
-    (pre-training). Only the state they keep matters for the benchmark."""
-    if name == "sgd":
-        return optax.sgd(0.01, momentum=0.9)
-    if name == "adam":
-        return optax.adamw(1e-3, weight_decay=0.1)
-    raise ValueError(f"Unknown optimizer {name!r}; use 'sgd' or 'adam'.")
+# The paper's two recipes as training-config overrides: pre-training (Adam with
+# decoupled weight decay, 2 states per parameter) and fine-tuning (SGD with
+# momentum, 1 state; `base_config`'s defaults).
+OPTIMIZER_RECIPES = {
+    "adam": dict(optim="adamw", base_lr=1e-3, weight_decay=0.1, decay_type="linear"),
+    "sgd": dict(optim="sgd"),
+}
 
 
-def make_train_step(model: models.MlpMixer, tx: optax.GradientTransformation):
-    """A pure training step: softmax cross-entropy, gradients, optimizer update."""
-    def train_step(state, images, labels):
-        params, opt_state = state
-
-        def loss_fn(p):
-            logits = model.apply({"params": p}, images, train=True,
-                                 rngs={"dropout": jax.random.key(0)})
-            return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
-
-    return train_step
+def recipe_optimizer(name: str) -> optax.GradientTransformation:
+    """The training optimizer (`optim.make_optimizer`) of recipe 'adam' or 'sgd'."""
+    if name not in OPTIMIZER_RECIPES:
+        raise ValueError(f"Unknown optimizer {name!r}; use one of {sorted(OPTIMIZER_RECIPES)}.")
+    config = train_config.base_config()
+    config.update(OPTIMIZER_RECIPES[name])
+    return optim.make_optimizer(config)[0]
 
 
 def host_random(shape: tuple[int, ...], dtype: Any, seed: int, scale: float = 1.0) -> jax.Array:
@@ -165,15 +158,18 @@ def benchmark_model(variant: str, *, mode: str, batch: int, dtype: str = "float3
     model = models.create_model(variant, dtype=DTYPES[dtype], scan=scan, remat=remat)
     device = jax.devices()[0]
     images, labels = synthetic_batch(model, batch, image_size)
-    params = synthetic_params(model, image_size)
 
     if mode == "inference":
+        params = synthetic_params(model, image_size)
         fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
         args = (params, images)
-    else:
-        tx = make_optimizer(optimizer)
-        fn = jax.jit(make_train_step(model, tx), donate_argnums=0)
-        args = ((params, tx.init(params)), images, labels)
+    else:  # the training step and state exactly as training has them
+        tx = recipe_optimizer(optimizer)
+        init = functools.partial(init_state, model, tx, image_shape=images.shape[1:])
+        state = jax.jit(init)(jax.random.PRNGKey(0))
+        params = state.params
+        fn = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
+        args = (state, {"image": images, "label": labels})
 
     log(f"{variant} {mode}: compiling (batch {batch}, {image_size}px, {dtype})...")
     start = time.perf_counter()
@@ -185,9 +181,9 @@ def benchmark_model(variant: str, *, mode: str, batch: int, dtype: str = "float3
     else:
         state = [args[0]]  # donated each step, so keep the newest
 
-        def call():  # waits for the whole new state, not just the loss
-            state[0], loss = compiled(state[0], images, labels)
-            jax.block_until_ready((state[0], loss))
+        def call():  # waits for the whole new state, not just the metrics
+            state[0], metrics = compiled(state[0], args[1])
+            jax.block_until_ready((state[0], metrics))
 
     calls = {"model": call}
     if ceiling_size:
