@@ -58,6 +58,12 @@ import tensorflow_datasets as tfds
 from mixer_jax import augment
 from mixer_jax import sklearn_digits
 
+# TF only feeds data: keep it off GPUs so it never takes accelerator memory from JAX.
+try:
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TF's devices were initialised before this import; nothing to do
+    pass
+
 DEFAULT_SHUFFLE_BUFFER = 10_000
 _FOLDER_ORDER_SEED = 0  # fixed order of a folder's files: slices never depend on config.seed
 _NATIVE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp")
