@@ -85,8 +85,11 @@ def test_command_runs_end_to_end(tmp_path, capsys):
         assert run["step_s"] == run["min_s"] <= run["median_s"]  # --statistic=min
         assert run["images_per_s"] == pytest.approx(4 / run["min_s"])
         assert run["achieved_flops_per_s"] == pytest.approx(run["flops_per_step"] / run["min_s"])
-        # The ceiling's best size, timed again alternately with this run's steps.
-        assert run["ceiling_size"] == ceiling["size"] and run["ceiling_flops_per_s"] > 0
+        # The ceiling's best size, timed again alternately with this run's steps; the
+        # higher of that and the sweep is the ceiling.
+        assert run["ceiling_size"] == ceiling["size"] and run["ceiling_alongside_flops_per_s"] > 0
+        assert run["ceiling_flops_per_s"] == max(ceiling["flops_per_s"],
+                                                 run["ceiling_alongside_flops_per_s"])
         assert run["of_ceiling"] == pytest.approx(
             run["achieved_flops_per_s"] / run["ceiling_flops_per_s"])
         assert run["compile_s"] > 0

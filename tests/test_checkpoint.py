@@ -423,25 +423,22 @@ def test_custom_width_and_block_count_mismatches(npz):
         checkpoint.load_pretrained(npz, deeper)
 
 
-def test_missing_extra_and_reshaped_keys_are_named(trained):
+@pytest.mark.parametrize("edit,message", [
+    (lambda flat: flat.pop("MixerBlock_1/LayerNorm_1/bias"),
+     r"has no 'MixerBlock_1/LayerNorm_1/bias' \(the model expects shape \(64,\)\)"),
+    (lambda flat: flat.update({"MixerBlock_0/LayerNorm_2/scale": np.ones(64, np.float32)}),
+     r"has 'MixerBlock_0/LayerNorm_2/scale' \(shape \(64,\)\), which the model does not have"),
+    (lambda flat: flat.update({"MixerBlock_1/LayerNorm_0/bias": np.ones(32, np.float32)}),
+     r"'MixerBlock_1/LayerNorm_0/bias': the model expects shape \(64,\), .* has \(32,\)"),
+    (lambda flat: flat.update({"MixerBlock_1/token_mixing/Dense_1/bias": np.ones(9, np.float32)}),
+     r"'MixerBlock_1/token_mixing/Dense_1/bias' has shape \(9,\), inconsistent"),
+], ids=["missing", "extra", "reshaped", "inconsistent"])
+def test_missing_extra_and_reshaped_keys_are_named(trained, edit, message):
     _, fresh = init_params(SIZE)
     flat = dict(checkpoint.flatten_params(trained[1]))
-    missing = {k: v for k, v in flat.items() if k != "MixerBlock_1/LayerNorm_1/bias"}
-    with pytest.raises(CheckpointError, match=r"has no 'MixerBlock_1/LayerNorm_1/bias' \(the model "
-                       r"expects shape \(64,\)\)"):
-        checkpoint.load_pretrained(checkpoint.unflatten_params(missing), fresh)
-    extra = {**flat, "MixerBlock_0/LayerNorm_2/scale": np.ones(64, np.float32)}
-    with pytest.raises(CheckpointError, match=r"has 'MixerBlock_0/LayerNorm_2/scale' \(shape "
-                       r"\(64,\)\), which the model does not have"):
-        checkpoint.load_pretrained(checkpoint.unflatten_params(extra), fresh)
-    reshaped = {**flat, "MixerBlock_1/LayerNorm_0/bias": np.ones(32, np.float32)}
-    with pytest.raises(CheckpointError, match=r"'MixerBlock_1/LayerNorm_0/bias': the model expects "
-                       r"shape \(64,\), .* has \(32,\)"):
-        checkpoint.load_pretrained(checkpoint.unflatten_params(reshaped), fresh)
-    edited = {**flat, "MixerBlock_1/token_mixing/Dense_1/bias": np.ones(9, np.float32)}
-    with pytest.raises(CheckpointError, match=r"'MixerBlock_1/token_mixing/Dense_1/bias' has "
-                       r"shape \(9,\), inconsistent"):
-        checkpoint.load_pretrained(checkpoint.unflatten_params(edited), fresh)
+    edit(flat)
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load_pretrained(checkpoint.unflatten_params(flat), fresh)
 
 
 def test_token_mixing_width_mismatches_say_what_to_build(npz):

@@ -186,11 +186,16 @@ def test_stack_unstack_round_trip_and_scanned_layout():
     jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_intermediates_come_from_the_same_pass(scan):
+def tiny(scan):
+    """Mixer-Ti_4 (scanned or not) and random 16x16 params in its layout."""
     model = models.create_model("Mixer-Ti_4", scan=scan, **TINY)
     params = random_params(model.clone(scan=False), 16)
-    params = models.stack_blocks(params) if scan else params
+    return model, models.stack_blocks(params) if scan else params
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_intermediates_come_from_the_same_pass(scan):
+    model, params = tiny(scan)
     images = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
     logits, feats = apply_fn(model, return_intermediates=True)(params, images)
     assert set(feats) == {"stem", "block_0", "block_1", "pre_logits"}
@@ -224,9 +229,7 @@ def test_stochastic_depth_ramp_and_scaling():
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_regularisation_only_in_training(scan):
-    base = models.create_model("Mixer-Ti_4", scan=scan, **TINY)
-    params = random_params(base.clone(scan=False), 16)
-    params = models.stack_blocks(params) if scan else params
+    base, params = tiny(scan)
     images = jax.random.normal(jax.random.key(3), (4, 16, 16, 3))
     plain = apply_fn(base)(params, images)
     # No regularisation: training and eval outputs agree.

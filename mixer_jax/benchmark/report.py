@@ -53,7 +53,7 @@ def ceiling_line(ceiling: dict[str, Any]) -> str:
     sizes = ", ".join(f"{n}: {human_flops(f)}FLOP/s" for n, f in ceiling["by_size"].items())
     return (f"dense matmul sweep ({ceiling['dtype']}, {ceiling['statistic']} times): "
             f"{human_flops(ceiling['flops_per_s'])}FLOP/s (n = {sizes}); n = {ceiling['size']} "
-            "is timed again alongside each step below (the 'ceiling' column)")
+            "is timed again alongside each step below; the 'ceiling' column is the higher of the two")
 
 
 def sharding_table(results: list[dict[str, Any]]) -> str:
