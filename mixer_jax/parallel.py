@@ -259,6 +259,10 @@ class Strategy(abc.ABC):
         """A host (numpy, or restored) state shaped like `abstract_state()` -> devices."""
         return self._place_tree(host_state, self.abstract_state())
 
+    def from_saveable(self, state: steps.TrainState) -> steps.TrainState:
+        """A state restored into `abstract_state()` -> the live layout (inverse of `to_saveable`)."""
+        return state
+
     def with_params(self, state: steps.TrainState, host_params) -> steps.TrainState:
         """`state` with its parameters replaced by host ones (e.g. from an .npz)."""
         return state.replace(params=self._place_tree(host_params, self.abstract_state().params))
@@ -437,6 +441,9 @@ class PmapStrategy(Strategy):
             return jax.make_array_from_single_device_arrays(x.shape, self._replicated, copies)
 
         return jax.tree.map(as_global, self._unstack(state))
+
+    def from_saveable(self, state):
+        return self.place(state)  # one copy per device again
 
     def train_step(self, state, batch):
         state, metrics = self._train(state, batch)

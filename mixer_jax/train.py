@@ -73,13 +73,6 @@ def _host_params(strategy, state):
     return jax.device_get(params)
 
 
-def _from_saveable(strategy, state):
-    # Mesh strategies save the state in its live sharding; pmap keeps a copy per device.
-    if isinstance(strategy, parallel.PmapStrategy):
-        return strategy.place(state)
-    return state
-
-
 def _restore_sharded_params(path, strategy, state, config):
     """Orbax parameters that fit the model (head aside) read straight into their shardings.
 
@@ -238,7 +231,7 @@ def prepare(config: ml_collections.ConfigDict, ckpt: train_checkpoint.TrainCheck
     start_step = ckpt.latest_step()
     if start_step is not None:
         restored, meta = ckpt.restore(strategy.abstract_state())
-        state = _from_saveable(strategy, restored)
+        state = strategy.from_saveable(restored)
         _log_config_changes(meta.get("config"), config)
         logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
     else:

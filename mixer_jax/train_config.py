@@ -34,10 +34,9 @@ import ml_collections
 from ml_collections import config_dict
 
 from mixer_jax import models
+from mixer_jax.optim import DECAY_TYPES, OPTIMIZERS
+from mixer_jax.parallel import PARALLELISMS
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-DECAY_TYPES = ("cosine", "linear", "constant")
-PARALLELISMS = ("pmap", "data", "fsdp")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

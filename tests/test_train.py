@@ -1,5 +1,4 @@
 """The training job end to end on the embedded digits: resume, fine-tuning, NaN, logs, accuracy."""
-import importlib.util
 import os
 import pathlib
 import signal
@@ -13,18 +12,12 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mixer_jax import checkpoint, convert, input_pipeline, metric_writers, train, train_checkpoint
+from mixer_jax import (checkpoint, convert, demo, input_pipeline, metric_writers, train,
+                       train_checkpoint)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_KEYS = {"step", "loss", "learning_rate", "grad_norm", "img_per_sec", "steps_per_sec"}
 EVAL_KEYS = {"step", "eval_loss", "eval_top1", "eval_top5", "eval_count"}
-
-
-def default_config():
-    spec = importlib.util.spec_from_file_location("default_config", REPO / "configs/default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +28,7 @@ def data_dir(tmp_path_factory):
 
 def tiny_config(data_dir, **changes):
     """The default config, shortened, with every source of randomness switched on."""
-    config = default_config()
+    config = demo.load_config("default")
     config.tfds_data_dir = data_dir
     config.total_steps, config.warmup_steps = 30, 5
     config.batch, config.batch_eval = 32, 64  # 360 eval images: the last batch is padded
@@ -255,6 +248,6 @@ def test_default_config_reaches_97_percent_from_the_command_line(tmp_path, data_
         env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = [r for r in metric_writers.read_metrics(str(tmp_path)) if "eval_top1" in r][-1]
-    assert final["step"] == default_config().total_steps
+    assert final["step"] == demo.load_config("default").total_steps
     assert final["eval_count"] == 360
     assert final["eval_top1"] >= 0.97, final

@@ -27,7 +27,7 @@ from mixer_jax.benchmark.flops import mixer_flops, xla_flops
 # compute bound, small enough to time in seconds.
 STATISTICS = ("median", "min")
 CEILING_SIZES = {"cpu": (1024, 2048, 4096), "default": (4096, 8192, 16384)}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {name: jnp.dtype(name) for name in train_config.DTYPES}
 
 
 def log(message: str) -> None:
