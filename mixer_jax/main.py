@@ -15,7 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mixer_jax import metric_writers, parallel, train
+from mixer_jax import host_memory, metric_writers, parallel, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -49,4 +49,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    host_memory.retain_freed_memory()
     app.run(main)

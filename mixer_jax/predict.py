@@ -32,7 +32,7 @@ from flax.traverse_util import flatten_dict
 from PIL import Image, ImageOps
 
 from mixer_jax import checkpoint as ckpt
-from mixer_jax import input_pipeline, labels, models
+from mixer_jax import host_memory, input_pipeline, labels, models, steps
 
 # The paper's evaluation: resize the shorter side to 256, centre crop 224.
 EVAL_RESIZE_RATIO = 256 / 224
@@ -159,28 +159,33 @@ def prepare_image(path: str, image_size: int, resize: int | None) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _probabilities_fn(model: models.MlpMixer):
+def _probabilities_fn(model: models.MlpMixer, microbatch: int | None):
     return jax.jit(lambda p, x: jax.nn.softmax(
-        model.apply({"params": p}, x).astype(jnp.float32), axis=-1))
+        steps.forward(model, p, x, microbatch=microbatch).astype(jnp.float32), axis=-1))
 
 
-def probabilities(loaded: LoadedModel, images: np.ndarray) -> np.ndarray:
-    """Class probabilities [batch, num_classes] for preprocessed images."""
+def probabilities(loaded: LoadedModel, images: np.ndarray, *,
+                  microbatch: int | None = None) -> np.ndarray:
+    """Class probabilities [batch, num_classes] for preprocessed images, computed
+    `microbatch` images at a time when given (`steps.forward`)."""
     if loaded.model.num_classes is None:
         raise PredictError("This checkpoint has no classification head (a feature "
                            "extractor); there are no classes to predict.")
-    return np.asarray(_probabilities_fn(loaded.model)(loaded.params, images))
+    return np.asarray(_probabilities_fn(loaded.model, microbatch)(loaded.params, images))
 
 
 def predict_files(paths: list[str], loaded: LoadedModel, *, top_k: int = 5,
-                  batch_size: int = 32, resize: int | None = None,
-                  label_names: list[str] | None = None,
+                  batch_size: int = 32, microbatch: int | None = None,
+                  resize: int | None = None, label_names: list[str] | None = None,
                   progress: bool = False) -> list[dict[str, Any]]:
     """Top-k predictions for each file, in order: {'path', 'top': [{'class', 'label',
     'probability'}]} or {'path', 'error'} for a file that cannot be read.
 
-    Every batch is padded to `batch_size`, so the model compiles once.
+    Every batch is padded to `batch_size`, so the model compiles once; `microbatch`
+    (which must divide it) computes each batch in pieces.
     """
+    if microbatch is not None and (microbatch < 1 or batch_size % microbatch):
+        raise PredictError(f"--microbatch={microbatch} does not divide --batch={batch_size}.")
     results: list[dict[str, Any]] = []
     with concurrent.futures.ThreadPoolExecutor() as pool:
         for start in range(0, len(paths), batch_size):
@@ -195,7 +200,7 @@ def predict_files(paths: list[str], loaded: LoadedModel, *, top_k: int = 5,
             if images:
                 batch = np.zeros((batch_size, loaded.image_size, loaded.image_size, 3), np.float32)
                 batch[:len(images)] = [image for _, image in images]
-                probs = probabilities(loaded, batch)[:len(images)]
+                probs = probabilities(loaded, batch, microbatch=microbatch)[:len(images)]
                 for (path, _), p in zip(images, probs):
                     top = np.argsort(-p, kind="stable")[:top_k]
                     results.append({"path": path, "top": [
@@ -232,6 +237,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("tfds_data_dir", None, "tfds data dir for --labels.", flag_values=fv)
     flags.DEFINE_integer("top_k", 5, "Classes shown per image.", flag_values=fv)
     flags.DEFINE_integer("batch", 32, "Images per model call.", flag_values=fv)
+    flags.DEFINE_integer("microbatch", None, "Images per piece of a batch (default: the "
+                         "whole batch at once; on CPUs 4-8 runs faster).", flag_values=fv)
     flags.DEFINE_integer("image_size", None, "Crop size (default: read from the "
                          "checkpoint).", flag_values=fv)
     flags.DEFINE_integer("resize", None, "Shorter side before the centre crop (default: "
@@ -261,12 +268,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{loaded.model.num_classes} classes; --labels=<names.txt> gives them)",
               file=sys.stderr)
     results = predict_files(files, loaded, top_k=fv.top_k, batch_size=fv.batch,
-                            resize=fv.resize, label_names=names, progress=len(files) > fv.batch)
+                            microbatch=fv.microbatch, resize=fv.resize, label_names=names,
+                            progress=len(files) > fv.batch)
     print(json.dumps(results, indent=2) if fv.json else format_predictions(results))
     return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":
+    host_memory.retain_freed_memory()
     try:
         sys.exit(main())
     except (ValueError, flags.Error) as e:  # PredictError, CheckpointError, bad flags

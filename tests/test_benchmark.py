@@ -75,23 +75,22 @@ def test_command_runs_end_to_end(tmp_path, capsys):
                         "--statistic=min",
                         f"--json={out}"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
-    ceiling = results["ceiling"]
-    assert ceiling["flops_per_s"] == max(ceiling["by_size"].values()) > 0
-    assert ceiling["statistic"] == "min"
     assert [r["mode"] for r in results["runs"]] == ["inference", "train"]
     for run in results["runs"]:
         train = run["mode"] == "train"
         assert run["flops_per_step"] == flops.mixer_flops("Mixer-Ti_4", 32, 4, train=train)
-        assert run["step_s"] == run["min_s"] <= run["median_s"]  # --statistic=min
+        assert run["step_s"] == run["min_s"] == min(run["step_times_s"]) <= run["median_s"]
+        assert len(run["step_times_s"]) == 3
         assert run["images_per_s"] == pytest.approx(4 / run["min_s"])
         assert run["achieved_flops_per_s"] == pytest.approx(run["flops_per_step"] / run["min_s"])
-        # The ceiling's best size, timed again alternately with this run's steps; the
-        # higher of that and the sweep is the ceiling.
-        assert run["ceiling_size"] == ceiling["size"] and run["ceiling_alongside_flops_per_s"] > 0
-        assert run["ceiling_flops_per_s"] == max(ceiling["flops_per_s"],
-                                                 run["ceiling_alongside_flops_per_s"])
+        # Every size timed 3 times after each of the 3 steps; the fastest size is the ceiling.
+        ceiling = run["ceiling"]
+        assert ceiling["statistic"] == "min" and ceiling["calls_per_size"] == 9
+        assert set(ceiling["by_size"]) == {"128", "256"}
+        assert ceiling["flops_per_s"] == max(ceiling["by_size"].values()) > 0
+        assert ceiling["by_size"][str(ceiling["size"])] == ceiling["flops_per_s"]
         assert run["of_ceiling"] == pytest.approx(
-            run["achieved_flops_per_s"] / run["ceiling_flops_per_s"])
+            run["achieved_flops_per_s"] / ceiling["flops_per_s"])
         assert run["compile_s"] > 0
         assert 0 < run["xla_vs_analytic"] < 0.2  # tiny model: elementwise ops weigh more
         mem = run["memory"]
@@ -99,8 +98,53 @@ def test_command_runs_end_to_end(tmp_path, capsys):
         assert mem["argument_bytes"] >= (3 if train else 1) * 4 * run["param_count"]
         assert mem["compiled_peak_bytes"] >= mem["argument_bytes"]
     table = capsys.readouterr().out
-    assert "dense matmul sweep (float32, min times)" in table
+    assert "inference ceiling:" in table and "min of 9 calls per size" in table
     assert "of ceiling" in table and "Mixer-Ti_4" in table
+
+
+def test_command_with_microbatches_and_no_ceiling(capsys):
+    results = cli.main(["--variant=Mixer-Ti_4", "--image_size=32", "--batch=4",
+                        "--microbatch=2", "--mode=inference,train", "--steps=2",
+                        "--ceiling=false"])
+    inference, train = results["runs"]
+    for run in (inference, train):
+        assert run["microbatch"] == 2 and run["ceiling"] is None and run["of_ceiling"] is None
+    # Inference unrolls its micro-batches: XLA counts them all.
+    assert 0 < inference["xla_vs_analytic"] < 0.2
+    # Training accumulates them in a loop whose body XLA counts once: about half.
+    assert train["xla_counts_loop_body_once"] and train["xla_vs_analytic"] is None
+    assert 0.4 < train["xla_flops_per_step"] / train["flops_per_step"] < 0.6
+    table = capsys.readouterr().out
+    assert "n/a (loop)" in table and "ceiling:" not in table
+    with pytest.raises(ValueError, match="--microbatch=3 does not divide the batch of 4"):
+        cli.main(["--variant=Mixer-Ti_4", "--image_size=32", "--batch=4", "--microbatch=3"])
+
+
+def test_step_pays_for_the_work_it_leaves_running(monkeypatch):
+    # A fake clock: the step takes 1.0 s and leaves 0.25 s of work that slows the
+    # first matmul after it; a matmul alone takes 0.01 s (n=2) or 0.04 s (n=4).
+    clock, tail = [0.0], [0.0]
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+
+    def step():
+        clock[0] += 1.0
+        tail[0] = 0.25
+
+    def matmul(seconds):
+        def call():
+            clock[0] += seconds + tail[0]
+            tail[0] = 0.0
+        return call
+
+    step_times, matmul_times = measure.time_with_ceiling(
+        step, {2: matmul(0.01), 4: matmul(0.04)}, steps=3, repeats=2)
+    assert step_times == pytest.approx([1.25] * 3)
+    assert matmul_times == {2: pytest.approx([0.01] * 6), 4: pytest.approx([0.04] * 6)}
+    ceiling = measure.ceiling_figures(matmul_times, "float32", "median")
+    assert ceiling["size"] == 4 and ceiling["flops_per_s"] == pytest.approx(2 * 4**3 / 0.04)
+    # Without matmuls the steps are timed as they are.
+    tail[0] = 0.0
+    assert measure.time_with_ceiling(step, {}, steps=2) == (pytest.approx([1.0, 1.0]), {})
 
 
 def test_command_rejects_bad_requests():

@@ -98,6 +98,14 @@ def test_predictions_equal_direct_model_calls(tiny, tmp_path):
                                    rtol=1e-4, atol=1e-6)
         top_classes.add(int(order[0]))
     assert len(top_classes) > 1  # the images really are told apart
+    # In micro-batches of 2: the same predictions, in the same order.
+    pieces = predict.predict_files(paths, loaded, top_k=3, batch_size=4, microbatch=2,
+                                   label_names=CLASSES)
+    assert [[t["class"] for t in r["top"]] for r in pieces] == \
+        [[t["class"] for t in r["top"]] for r in results]
+    np.testing.assert_allclose([t["probability"] for r in pieces for t in r["top"]],
+                               [t["probability"] for r in results for t in r["top"]],
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_command_line_prints_labels_and_reports_unreadable_files(tiny, tmp_path, capsys):
@@ -148,6 +156,8 @@ def test_clear_errors(tiny, tmp_path):
         predict.load_model(path, image_size=48)
     with pytest.raises(predict.PredictError, match="No image files"):
         predict.main([f"--checkpoint={path}"])
+    with pytest.raises(predict.PredictError, match="--microbatch=3 does not divide --batch=4"):
+        predict.predict_files(["x.png"], predict.load_model(path), batch_size=4, microbatch=3)
     with pytest.raises(ValueError, match="has 1000 classes but the model has 10"):
         labels.label_names("imagenet2012", 10)
 

@@ -51,8 +51,26 @@ def test_split_microbatches_strided():
     micro = steps.split_microbatches(batch, 4)
     np.testing.assert_array_equal(micro["x"], [[0, 4], [1, 5], [2, 6], [3, 7]])
     np.testing.assert_array_equal(micro["y"][1], [10, 50])
-    with pytest.raises(ValueError, match="accum_steps=3"):
+    with pytest.raises(ValueError, match="Batch of 8 examples does not split into 3 equal"):
         steps.split_microbatches(batch, 3)
+
+
+@pytest.mark.parametrize("microbatch", [1, 4, 16, 64])
+def test_forward_in_microbatches_keeps_input_order(microbatch):
+    model, _, state = reference_setup()
+    images = synthetic_batch(5)["image"]
+    whole = np.asarray(jitted_logits(model)(state.params, images))
+    assert np.ptp(whole[:, 0]) > 0.1  # examples differ, so a reordering would show
+    pieces = jax.jit(functools.partial(steps.forward, model, microbatch=microbatch))
+    np.testing.assert_allclose(pieces(state.params, images), whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("microbatch", [0, 3, -2])
+def test_forward_rejects_microbatches_that_do_not_divide(microbatch):
+    model, _, state = reference_setup()
+    with pytest.raises(ValueError, match=f"batch of 16 images does not split into "
+                                         f"micro-batches of {microbatch}"):
+        steps.forward(model, state.params, synthetic_batch(5)["image"], microbatch=microbatch)
 
 
 def test_train_step_loss_and_learning():

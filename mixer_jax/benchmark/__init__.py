@@ -8,11 +8,11 @@ Command line: `python -m mixer_jax.benchmark --help` (see `__main__.py`). Module
   report    readable tables.
 """
 from mixer_jax.benchmark.flops import forward_flops_terms, mixer_flops, xla_flops
-from mixer_jax.benchmark.measure import benchmark_model, matmul_ceiling
+from mixer_jax.benchmark.measure import benchmark_model
 from mixer_jax.benchmark.pipeline import benchmark_pipeline
 from mixer_jax.benchmark.sharding import sharding_memory
 
 __all__ = [
-    "benchmark_model", "benchmark_pipeline", "forward_flops_terms", "matmul_ceiling",
-    "mixer_flops", "sharding_memory", "xla_flops",
+    "benchmark_model", "benchmark_pipeline", "forward_flops_terms", "mixer_flops",
+    "sharding_memory", "xla_flops",
 ]

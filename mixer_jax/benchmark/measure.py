@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from mixer_jax import models, optim, train_config
-from mixer_jax.steps import init_state, train_step
+from mixer_jax.steps import forward, init_state, train_step
 from mixer_jax.benchmark.flops import mixer_flops, xla_flops
 
 # Square matmul sizes tried for the ceiling, per platform: big enough to be
@@ -35,22 +35,46 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def time_calls(calls: dict[str, Callable[[], Any]], steps: int) -> dict[str, dict]:
-    """Times `steps` rounds of `calls` (each must block until done), one warm-up each.
+def timed(call: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
 
-    The calls alternate within every round, so that on a machine shared with other
-    work each sees the same conditions (a model and its ceiling, say).
+
+def time_with_ceiling(step: Callable[[], Any], matmuls: dict[int, Callable[[], Any]],
+                      steps: int, repeats: int = 3, drain_s: float = 0.5,
+                      statistic: str = "median") -> tuple[list[float], dict[int, list[float]]]:
+    """Times `steps` calls of `step`, each followed by `repeats` calls of every matmul.
+
+    All calls block until done and run once untimed first. Alternating gives the
+    model and its ceiling the same conditions on a machine whose speed drifts
+    (this 2-core VM's matmul rate moves between 105 and 155 GFLOP/s within a
+    minute). A step may leave work running after it returns (the OS unmapping
+    its freed buffers, unless `host_memory.retain_freed_memory()` is on): matmuls
+    ran at a tenth of their speed for up to a second after a training step. So
+    the smallest matmul runs for `drain_s` after each step, and the time it takes
+    beyond its own (`statistic` of its timed calls) is charged to the step: the
+    step pays for its tail, and the ceiling is timed on a quiet device.
+    Returns the step times and the matmul times by size.
     """
-    for call in calls.values():
-        call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
+    step()
+    for matmul in matmuls.values():
+        matmul()
+    step_times, drains = [], []
+    matmul_times: dict[int, list[float]] = {n: [] for n in matmuls}
+    drain = matmuls[min(matmuls)] if matmuls else None
     for _ in range(steps):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {name: {"median_s": statistics.median(t), "min_s": min(t), "steps": steps}
-            for name, t in times.items()}
+        step_times.append(timed(step))
+        if drain is not None:
+            drains.append([timed(drain)])
+            while sum(drains[-1]) < drain_s:
+                drains[-1].append(timed(drain))
+        for n, matmul in matmuls.items():
+            matmul_times[n] += [timed(matmul) for _ in range(repeats)]
+    if drain is not None:
+        own = summarize(matmul_times[min(matmuls)], statistic)
+        step_times = [t + max(0.0, sum(d) - len(d) * own) for t, d in zip(step_times, drains)]
+    return step_times, matmul_times
 
 
 def matmul_call(n: int, dtype: str) -> Callable[[], Any]:
@@ -60,20 +84,18 @@ def matmul_call(n: int, dtype: str) -> Callable[[], Any]:
     return lambda: matmul(a, b).block_until_ready()
 
 
-def matmul_ceiling(dtype: str = "float32", sizes: tuple[int, ...] | None = None,
-                   steps: int = 5, statistic: str = "median") -> dict[str, Any]:
-    """Measured dense-matmul throughput of the default device: the best of square
-    n x n @ n x n products in `dtype` (FLOP/s from each size's `statistic` time)."""
-    platform = jax.devices()[0].platform
-    sizes = sizes or CEILING_SIZES.get(platform, CEILING_SIZES["default"])
-    by_size = {}
-    for n in sizes:
-        log(f"  matmul ceiling: timing {n}x{n} @ {n}x{n} ({dtype})...")
-        timing = time_calls({"matmul": matmul_call(n, dtype)}, steps)["matmul"]
-        by_size[n] = 2 * n**3 / timing[f"{statistic}_s"]
+def summarize(times: list[float], statistic: str) -> float:
+    return statistics.median(times) if statistic == "median" else min(times)
+
+
+def ceiling_figures(matmul_times: dict[int, list[float]], dtype: str,
+                    statistic: str) -> dict[str, Any]:
+    """The dense-matmul ceiling: the fastest size's FLOP/s (by `statistic` time)."""
+    by_size = {n: 2 * n**3 / summarize(t, statistic) for n, t in matmul_times.items()}
     best = max(by_size, key=by_size.get)
     return {"dtype": dtype, "statistic": statistic, "flops_per_s": by_size[best], "size": best,
-            "by_size": {str(n): f for n, f in by_size.items()}}
+            "by_size": {str(n): f for n, f in by_size.items()},
+            "calls_per_size": len(matmul_times[best])}
 
 
 def memory_figures(compiled: Any, device: jax.Device) -> dict[str, int | None]:
@@ -141,39 +163,46 @@ def synthetic_params(model: models.MlpMixer, image_size: int) -> dict:
 def benchmark_model(variant: str, *, mode: str, batch: int, dtype: str = "float32",
                     image_size: int = 224, steps: int = 10, scan: bool = False,
                     remat: bool = False, optimizer: str = "adam",
-                    statistic: str = "median", ceiling: dict | None = None) -> dict[str, Any]:
+                    microbatch: int | None = None, statistic: str = "median",
+                    ceiling_sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Compiles and times a Mixer inference call or training step on the default device.
 
     Parameters are float32 (`param_dtype`) and `dtype` is the compute dtype, as in
-    mixed-precision training. Returns images/s, step times, compile time, analytic
+    mixed-precision training. `microbatch` runs inference `steps.forward`'s way and
+    training with `accum_steps = batch // microbatch` (the same update, computed
+    in cache-sized pieces). Returns images/s, step times, compile time, analytic
     and XLA FLOPs per step and the achieved FLOP/s (from the `statistic` step
-    time), and memory figures. With `ceiling` (a `matmul_ceiling` result), its
-    best size is timed again alternately with the steps, so that both see the same
-    conditions on a busy machine; `ceiling_flops_per_s` is the higher of the two
-    measurements, so work spilling from a step into the matmul's timing can never
-    flatter `of_ceiling`.
+    time), and memory figures. The dense-matmul ceiling (square matmuls of each of
+    `ceiling_sizes`, default by platform; `()` for none) is timed alternately
+    with the steps (`time_with_ceiling`), and `of_ceiling` compares the two.
     """
     if mode not in ("inference", "train"):
         raise ValueError(f"mode must be 'inference' or 'train', not {mode!r}.")
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, not {statistic!r}.")
+    if microbatch is not None and (microbatch < 1 or batch % microbatch):
+        raise ValueError(f"--microbatch={microbatch} does not divide the batch of {batch}.")
     model = models.create_model(variant, dtype=DTYPES[dtype], scan=scan, remat=remat)
     device = jax.devices()[0]
     images, labels = synthetic_batch(model, batch, image_size)
 
     if mode == "inference":
         params = synthetic_params(model, image_size)
-        fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
+        fn = jax.jit(functools.partial(forward, model, microbatch=microbatch))
         args = (params, images)
     else:  # the training step and state exactly as training has them
         tx = recipe_optimizer(optimizer)
         init = functools.partial(init_state, model, tx, image_shape=images.shape[1:])
         state = jax.jit(init)(jax.random.PRNGKey(0))
         params = state.params
-        fn = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
+        accum_steps = batch // microbatch if microbatch else 1
+        fn = jax.jit(functools.partial(train_step, model=model, tx=tx, accum_steps=accum_steps),
+                     donate_argnums=0)
         args = (state, {"image": images, "label": labels})
 
-    log(f"{variant} {mode}: compiling (batch {batch}, {image_size}px, {dtype})...")
+    log(f"{variant} {mode}: compiling (batch {batch}"
+        + (f" in micro-batches of {microbatch}" if microbatch else "")
+        + f", {image_size}px, {dtype})...")
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
@@ -187,34 +216,36 @@ def benchmark_model(variant: str, *, mode: str, batch: int, dtype: str = "float3
             state[0], metrics = compiled(state[0], args[1])
             jax.block_until_ready((state[0], metrics))
 
-    calls = {"model": call}
-    ceiling_size = ceiling["size"] if ceiling else None
-    if ceiling_size:
-        calls["ceiling"] = matmul_call(ceiling_size, dtype)
+    if ceiling_sizes is None:
+        ceiling_sizes = CEILING_SIZES.get(device.platform, CEILING_SIZES["default"])
+    matmuls = {n: matmul_call(n, dtype) for n in ceiling_sizes}
     log(f"{variant} {mode}: timing {steps} steps"
-        + (f", alternating with a {ceiling_size}^3 matmul..." if ceiling_size else "..."))
-    timings = time_calls(calls, steps)
-    timing = timings["model"]
+        + (f", each followed by {'/'.join(map(str, matmuls))}^3 matmuls..." if matmuls
+           else "..."))
+    step_times, matmul_times = time_with_ceiling(call, matmuls, steps, statistic=statistic)
+    step_s = summarize(step_times, statistic)
     analytic = mixer_flops(model, image_size, batch, train=mode == "train")
     counted = xla_flops(compiled)
-    alongside = (2 * ceiling_size**3 / timings["ceiling"][f"{statistic}_s"]
-                 if ceiling_size else None)
-    best = max(ceiling["flops_per_s"], alongside) if ceiling_size else None
-    achieved = analytic / timing[f"{statistic}_s"]
+    achieved = analytic / step_s
+    # lax.scan over blocks, or over micro-batches in gradient accumulation.
+    looped = scan or (mode == "train" and bool(microbatch and microbatch < batch))
+    ceiling = ceiling_figures(matmul_times, dtype, statistic) if matmuls else None
     return {
         "mode": mode, "variant": variant, "batch": batch, "image_size": image_size,
-        "dtype": dtype, "scan": scan, "remat": remat,
+        "dtype": dtype, "scan": scan, "remat": remat, "microbatch": microbatch,
         "optimizer": optimizer if mode == "train" else None,
-        "compile_s": compile_s, **timing, "statistic": statistic,
-        "step_s": timing[f"{statistic}_s"],
-        "images_per_s": batch / timing[f"{statistic}_s"],
+        "compile_s": compile_s, "statistic": statistic, "steps": steps,
+        "step_times_s": step_times, "median_s": statistics.median(step_times),
+        "min_s": min(step_times), "step_s": step_s,
+        "images_per_s": batch / step_s,
         "flops_per_step": analytic,
         "xla_flops_per_step": counted,
-        "xla_vs_analytic": None if counted is None else counted / analytic - 1,
+        # XLA counts a loop's body once.
+        "xla_counts_loop_body_once": looped,
+        "xla_vs_analytic": None if counted is None or looped else counted / analytic - 1,
         "achieved_flops_per_s": achieved,
-        "ceiling_size": ceiling_size, "ceiling_flops_per_s": best,
-        "ceiling_alongside_flops_per_s": alongside,
-        "of_ceiling": None if best is None else achieved / best,
+        "ceiling": ceiling,
+        "of_ceiling": None if ceiling is None else achieved / ceiling["flops_per_s"],
         "memory": memory_figures(compiled, device),
         "param_count": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
     }

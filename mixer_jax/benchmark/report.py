@@ -30,30 +30,33 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def compute_table(runs: list[dict[str, Any]]) -> str:
-    headers = ["mode", "variant", "batch", "dtype", "img/s", "step ms", "compile s",
+    headers = ["mode", "variant", "batch", "micro", "dtype", "img/s", "step ms", "compile s",
                "FLOP/img", "XLA vs analytic", "FLOP/s", "ceiling", "of ceiling", "peak mem"]
     rows = []
     for r in runs:
         xla = r["xla_vs_analytic"]
-        xla_text = "n/a (scan)" if r["scan"] else ("-" if xla is None else f"{xla:+.1%}")
+        xla_text = ("n/a (loop)" if r["xla_counts_loop_body_once"]
+                    else "-" if xla is None else f"{xla:+.1%}")
+        ceiling = r["ceiling"] or {}
         fraction = "-" if r["of_ceiling"] is None else f"{r['of_ceiling']:.1%}"
         mem = r["memory"]
         rows.append([
-            r["mode"], r["variant"], r["batch"], r["dtype"], f"{r['images_per_s']:.2f}",
-            f"{r['step_s'] * 1e3:.1f}", f"{r['compile_s']:.1f}",
+            r["mode"], r["variant"], r["batch"], r["microbatch"] or "-", r["dtype"],
+            f"{r['images_per_s']:.2f}", f"{r['step_s'] * 1e3:.1f}", f"{r['compile_s']:.1f}",
             human_flops(r["flops_per_step"] / r["batch"]), xla_text,
-            human_flops(r["achieved_flops_per_s"]), human_flops(r["ceiling_flops_per_s"]),
+            human_flops(r["achieved_flops_per_s"]), human_flops(ceiling.get("flops_per_s")),
             fraction,
             human_bytes(mem["device_peak_bytes"] or mem["compiled_peak_bytes"]),
         ])
     return table(headers, rows)
 
 
-def ceiling_line(ceiling: dict[str, Any]) -> str:
+def ceiling_line(run: dict[str, Any]) -> str:
+    ceiling = run["ceiling"]
     sizes = ", ".join(f"{n}: {human_flops(f)}FLOP/s" for n, f in ceiling["by_size"].items())
-    return (f"dense matmul sweep ({ceiling['dtype']}, {ceiling['statistic']} times): "
-            f"{human_flops(ceiling['flops_per_s'])}FLOP/s (n = {sizes}); n = {ceiling['size']} "
-            "is timed again alongside each step below; the 'ceiling' column is the higher of the two")
+    return (f"{run['mode']} ceiling: {human_flops(ceiling['flops_per_s'])}FLOP/s at "
+            f"n = {ceiling['size']} ({ceiling['dtype']} n x n matmuls timed after each step, "
+            f"{ceiling['statistic']} of {ceiling['calls_per_size']} calls per size: {sizes})")
 
 
 def sharding_table(results: list[dict[str, Any]]) -> str:
