@@ -50,7 +50,6 @@ _HEAD = "head" + SEP
 _TOKEN_MIXING = re.compile(rf"^{models.BLOCK_PREFIX}(\d+)/token_mixing/")
 _BLOCK = re.compile(rf"^{models.BLOCK_PREFIX}(\d+)/")
 
-_MODEL_FIELDS = tuple(next(iter(models.VARIANTS.values())))  # the 5 architecture fields
 _log = logging.getLogger(__name__)
 
 
@@ -131,10 +130,11 @@ def _normalise_layout(flat: Mapping[str, Any], source: str) -> dict[str, Any]:
             f"{source} mixes the older layout ('Mixer/...', 'embedding/...') and the Linen "
             f"layout (e.g. {linen[0]!r}); a checkpoint uses one or the other."
         )
-    return {
-        _linen_key(key): _squeeze_to(key, value, _expected_ndim(_linen_key(key)), source)
-        for key, value in flat.items()
-    }
+    renamed = {}
+    for key, value in flat.items():
+        new_key = _linen_key(key)
+        renamed[new_key] = _squeeze_to(key, value, _expected_ndim(new_key), source)
+    return renamed
 
 
 # ------------------------------------------------------------------------ architecture
@@ -154,7 +154,7 @@ class Architecture:
 
     def model_fields(self) -> dict[str, int]:
         """The five `MlpMixer` architecture fields."""
-        return {name: getattr(self, name) for name in _MODEL_FIELDS}
+        return {name: getattr(self, name) for name in models.MODEL_FIELDS}
 
     @property
     def name(self) -> str:

@@ -61,10 +61,7 @@ def tfds_names(name: str, data_dir: str | None = None) -> list[str] | None:
     """
     import tensorflow_datasets as tfds
 
-    try:  # registers the project's own tfds datasets (the embedded digits)
-        import mixer_jax.input_pipeline  # noqa: F401
-    except ImportError:
-        pass
+    import mixer_jax.input_pipeline  # noqa: F401  (registers the embedded digits dataset)
     try:
         features = tfds.builder(name, data_dir=data_dir).info.features
     except Exception as e:  # tfds raises many types for unknown names

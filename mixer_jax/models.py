@@ -36,9 +36,10 @@ _VARIANT_TABLE = {
     "Mixer-L_16": (16, 24, 1024, 512, 4096),
     "Mixer-H_14": (14, 32, 1280, 640, 5120),
 }
-_FIELDS = ("patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim")
+# The architecture fields a variant fixes (checkpoint shapes reveal them all).
+MODEL_FIELDS = ("patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim")
 VARIANTS: dict[str, dict[str, int]] = {
-    name: dict(zip(_FIELDS, values)) for name, values in _VARIANT_TABLE.items()
+    name: dict(zip(MODEL_FIELDS, values)) for name, values in _VARIANT_TABLE.items()
 }
 
 BLOCK_PREFIX = "MixerBlock_"

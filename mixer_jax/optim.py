@@ -101,22 +101,19 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
     weight_decay = config.get("weight_decay", 0.0) or 0.0
     clip = config.get("grad_norm_clip", None)
 
+    betas = dict(b1=config.get("b1", 0.9), b2=config.get("b2", 0.999))
     chain = []
     if clip:
         chain.append(optax.clip_by_global_norm(clip))
     if name == "adamw":
         chain.append(optax.adamw(
-            schedule, b1=config.get("b1", 0.9), b2=config.get("b2", 0.999),
-            mu_dtype=mu_dtype, weight_decay=weight_decay, mask=kernel_mask,
+            schedule, **betas, mu_dtype=mu_dtype, weight_decay=weight_decay, mask=kernel_mask,
         ))
     else:
         if weight_decay:
             chain.append(optax.add_decayed_weights(weight_decay, mask=kernel_mask))
         if name == "adam":
-            chain.append(optax.adam(
-                schedule, b1=config.get("b1", 0.9), b2=config.get("b2", 0.999),
-                mu_dtype=mu_dtype,
-            ))
+            chain.append(optax.adam(schedule, **betas, mu_dtype=mu_dtype))
         else:
             momentum = config.get("momentum", 0.9) or None
             chain.append(optax.sgd(schedule, momentum=momentum, accumulator_dtype=mu_dtype))

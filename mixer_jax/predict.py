@@ -51,36 +51,17 @@ class LoadedModel:
     image_size: int
 
 
-def _orbax_item_dir(path: epath.Path) -> epath.Path:
-    """The `params` item of an orbax checkpoint, given the item itself, a step
-    directory holding it, or a checkpoint/work directory (its newest step)."""
-    if (path / "params").is_dir():
-        return path / "params"
-    if (path / "checkpoints").is_dir():
-        return _orbax_item_dir(path / "checkpoints")
-    steps = [p for p in path.iterdir() if p.name.isdigit() and p.is_dir()]
-    if steps:
-        return _orbax_item_dir(max(steps, key=lambda p: int(p.name)))
-    return path
-
-
 def _load_orbax(path: epath.Path) -> dict:
-    import orbax.checkpoint as ocp
+    """The `params` item of an orbax checkpoint, given the item itself, a step
+    directory, or a checkpoint/work directory (its newest complete step)."""
+    from mixer_jax import train_checkpoint  # orbax: only when needed
 
-    item = _orbax_item_dir(path)
-    checkpointer = ocp.PyTreeCheckpointer()
+    if path.name == "params":
+        path = path.parent
     try:
-        metadata = checkpointer.metadata(item)
-    except Exception as e:  # orbax raises assorted types for a non-checkpoint dir
-        raise PredictError(f"{str(item)!r} is not an orbax checkpoint with a 'params' "
-                           f"item: {e}") from e
-    tree = getattr(metadata, "item_metadata", metadata)
-    tree = getattr(tree, "tree", tree)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    params = checkpointer.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    if "params" in params and "stem" not in params:  # a whole train state was saved
-        params = params["params"]
-    return models.unstack_blocks(params)
+        return models.unstack_blocks(train_checkpoint.restore_params(str(path)))
+    except (FileNotFoundError, ValueError) as e:
+        raise PredictError(str(e)) from e
 
 
 def load_params(checkpoint: str) -> dict:

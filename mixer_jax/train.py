@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 
 import jax
 import ml_collections
@@ -58,10 +57,6 @@ def _is_orbax(path: str) -> bool:
     return epath.Path(path).is_dir()
 
 
-def _flat_shapes(tree) -> dict:
-    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
-
-
 # ----------------------------------------------------------------------------- state
 
 
@@ -79,15 +74,15 @@ def _restore_sharded_params(path, strategy, state, config):
     Returns None when they do not fit as they are (another layout, image size or variant):
     the caller then goes through `checkpoint.load_pretrained` on the host.
     """
-    abstract = strategy.abstract_state().params
-    wanted, stored = _flat_shapes(abstract), train_checkpoint.stored_params_shapes(path)
+    flat_target = traverse_util.flatten_dict(strategy.abstract_state().params, sep="/")
+    wanted = {k: tuple(v.shape) for k, v in flat_target.items()}
+    stored = train_checkpoint.stored_params_shapes(path)
     differ = {k for k in wanted if stored.get(k) != wanted[k]}
     if set(stored) != set(wanted) or not differ <= {"head/kernel", "head/bias"}:
         return None
     reset_head = config.reset_head if config.reset_head is not None else bool(differ)
     if differ and not reset_head:
         return None  # let load_pretrained explain the mismatch
-    flat_target = traverse_util.flatten_dict(abstract, sep="/")
     if reset_head:
         flat_target = {k: v for k, v in flat_target.items() if not k.startswith("head/")}
     loaded = traverse_util.flatten_dict(train_checkpoint.restore_params(
@@ -133,13 +128,10 @@ def _model_overrides(config, ckpt, path) -> tuple[dict, dict | None]:
     if path is None:
         return {}, None
     if _is_orbax(path):
-        shapes = train_checkpoint.stored_params_shapes(path)
-        num_tokens, width = _token_kernel_shape(shapes)
+        num_tokens, width = _token_kernel_shape(train_checkpoint.stored_params_shapes(path))
         if num_tokens == _model_num_tokens(config):
             return {"tokens_mlp_dim": width}, None  # read later, into the shardings if it fits
-        pretrained = train_checkpoint.restore_params(path)
-    else:
-        pretrained = checkpoint.load_npz(path)
+    pretrained = _read_pretrained(path)
     fields = checkpoint.adapted_model_overrides(
         pretrained, config.pp.crop, token_mixing=config.token_mixing)
     return {"tokens_mlp_dim": fields["tokens_mlp_dim"]}, pretrained
@@ -315,7 +307,7 @@ def _log_config_changes(saved: dict | None, config) -> None:
     """Warns about config values that differ from those the checkpoint was written with."""
     if not saved:
         return
-    now = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
+    now = traverse_util.flatten_dict(train_checkpoint.jsonable_config(config), sep=".")
     before = traverse_util.flatten_dict(saved, sep=".")
     changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
     if changed:

@@ -46,7 +46,7 @@ class TrainCheckpointer:
 
     def save(self, step: int, state, config=None) -> None:
         """Starts saving `state` (a saveable TrainState) as `step`; returns before it is written."""
-        meta = {"step": int(step), "config": _jsonable_config(config)}
+        meta = {"step": int(step), "config": jsonable_config(config)}
         self._manager.save(int(step), force=True, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             train=ocp.args.StandardSave(_train_part(state)),
@@ -85,8 +85,7 @@ class TrainCheckpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        self._manager.close()  # waits for pending saves first
 
     def __enter__(self):
         return self
@@ -99,7 +98,7 @@ def _train_part(state) -> dict:
     return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
 
 
-def _jsonable_config(config):
+def jsonable_config(config):
     if config is None:
         return None
     return json.loads(config.to_json_best_effort())
@@ -131,7 +130,11 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int
 def stored_params_shapes(path: str, step: int | None = None) -> dict:
     """Flat {'a/b/c': shape} of the parameters stored in a checkpoint (nothing is read)."""
     root, step = find_checkpoint(path, step)
-    tree = ocp.PyTreeCheckpointHandler().metadata(root / str(step) / "params").tree
+    return _item_shapes(root / str(step) / "params")
+
+
+def _item_shapes(params_dir: epath.Path) -> dict:
+    tree = ocp.PyTreeCheckpointHandler().metadata(params_dir).tree
     flat = traverse_util.flatten_dict(dict(tree), sep="/")
     return {k: tuple(v.shape) for k, v in flat.items()}
 
@@ -147,7 +150,7 @@ def restore_params(path: str, target=None, *, step: int | None = None):
     checkpointer = ocp.PyTreeCheckpointer()
     params_dir = root / str(step) / "params"
     if target is None:
-        shapes = stored_params_shapes(str(root / str(step)))
+        shapes = _item_shapes(params_dir)
         restore_args = traverse_util.unflatten_dict(
             {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in shapes}, sep="/")
         return checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(

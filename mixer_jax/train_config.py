@@ -209,11 +209,9 @@ def with_defaults(config) -> ml_collections.ConfigDict:
 
 def _merge_into(target, source):
     for key, value in source.items():
-        if isinstance(value, ml_collections.ConfigDict) and key in target and key != "model":
+        # Model overrides are open-ended (any MlpMixer field) and merge like the rest;
+        # validate() vets them.
+        if isinstance(value, ml_collections.ConfigDict) and key in target:
             _merge_into(target[key], value)
-        elif key == "model":
-            # Model overrides are open-ended (any MlpMixer field); validate() vets them.
-            for k, v in value.items():
-                target.model[k] = v
         else:
             target[key] = value

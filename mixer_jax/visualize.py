@@ -134,6 +134,7 @@ def plot_channel_mixing(params, blocks: Sequence[int] | None = None, initial=Non
     """Channel-mixing kernels: norm and effective rank per block (dashed: `initial`
     parameters, e.g. the model's random initialisation), and value histograms of `blocks`."""
     stats = channel_mixing_stats(params)
+    initial_stats = None if initial is None else channel_mixing_stats(initial)
     flat = checkpoint.flatten_params(params)
     blocks = [s["block"] for s in stats] if blocks is None else list(blocks)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
@@ -142,8 +143,8 @@ def plot_channel_mixing(params, blocks: Sequence[int] | None = None, initial=Non
     for layer, color in (("Dense_0", "tab:blue"), ("Dense_1", "tab:orange")):
         for ax, stat in zip(axes, ("norm", "effective_rank")):
             ax.plot(index, [s[f"{layer}_{stat}"] for s in stats], "o-", color=color, label=layer)
-            if initial is not None:
-                ax.plot(index, [s[f"{layer}_{stat}"] for s in channel_mixing_stats(initial)],
+            if initial_stats is not None:
+                ax.plot(index, [s[f"{layer}_{stat}"] for s in initial_stats],
                         "--", color=color, label=f"{layer} at init")
     axes[0].set(title="kernel norm", xlabel="block")
     axes[1].set(title="effective rank", xlabel="block")

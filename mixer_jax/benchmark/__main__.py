@@ -88,7 +88,7 @@ def environment() -> dict[str, Any]:
 
 def run(fv: flags.FlagValues) -> dict[str, Any]:
     """Runs the requested modes; returns every result (JSON-serialisable)."""
-    modes = [m.strip() for m in fv.mode]
+    modes = list(fv.mode)
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         raise ValueError(f"Unknown mode(s) {unknown}; known: {', '.join(MODES)}.")

@@ -98,8 +98,9 @@ def ceiling_figures(matmul_times: dict[int, list[float]], dtype: str,
             "calls_per_size": len(matmul_times[best])}
 
 
-def memory_figures(compiled: Any, device: jax.Device) -> dict[str, int | None]:
-    """Compiled memory analysis (per device) plus the runtime peak where reported."""
+def compiled_memory(compiled: Any) -> dict[str, int]:
+    """Per-device bytes from the compiled memory analysis; the peak is arguments +
+    outputs + temporaries - donated (aliased) buffers."""
     analysis = compiled.memory_analysis()
     figures = {
         "argument_bytes": analysis.argument_size_in_bytes,
@@ -110,6 +111,12 @@ def memory_figures(compiled: Any, device: jax.Device) -> dict[str, int | None]:
     figures["compiled_peak_bytes"] = (
         figures["argument_bytes"] + figures["output_bytes"]
         + figures["temp_bytes"] - figures["alias_bytes"])
+    return figures
+
+
+def memory_figures(compiled: Any, device: jax.Device) -> dict[str, int | None]:
+    """Compiled memory analysis (per device) plus the runtime peak where reported."""
+    figures = compiled_memory(compiled)
     stats = device.memory_stats() or {}
     figures["device_peak_bytes"] = stats.get("peak_bytes_in_use")  # None on CPU
     return figures

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mixer_jax import models, parallel
-from mixer_jax.benchmark.measure import DTYPES, log, recipe_optimizer
+from mixer_jax.benchmark.measure import DTYPES, compiled_memory, log, recipe_optimizer
 
 STRATEGIES = ("data", "fsdp")
 
@@ -70,19 +70,15 @@ def sharding_memory(variant: str, *, num_devices: int, batch_per_device: int,
     log(f"{variant} {strategy} on {num_devices} devices: compiling the training step "
         f"(per-device batch {batch_per_device})...")
     start = time.perf_counter()
-    analysis = runner.lower_train_step(batch_shapes).compile().memory_analysis()
+    memory = compiled_memory(runner.lower_train_step(batch_shapes).compile())
     compile_s = time.perf_counter() - start
+    total_bytes = memory.pop("compiled_peak_bytes")
     return {
         "variant": variant, "strategy": strategy, "devices": num_devices,
         "batch_per_device": batch_per_device, "image_size": image_size, "dtype": dtype,
         "optimizer": optimizer, "scan": scan, "remat": remat, "fsdp_min_size": fsdp_min_size,
         "param_bytes": bytes_per_device(state.params),
         "optimizer_bytes": bytes_per_device(state.opt_state),
-        "argument_bytes": analysis.argument_size_in_bytes,
-        "temp_bytes": analysis.temp_size_in_bytes,
-        "output_bytes": analysis.output_size_in_bytes,
-        "alias_bytes": analysis.alias_size_in_bytes,
-        "total_bytes": (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
-                        + analysis.output_size_in_bytes - analysis.alias_size_in_bytes),
+        **memory, "total_bytes": total_bytes,
         "compile_s": compile_s,
     }
