@@ -34,11 +34,13 @@ import zipfile
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from flax import traverse_util
 
 from mixer_jax import models, resolution
+from mixer_jax.errors import UserError
 
 PathLike = str | os.PathLike
 Params = Mapping[str, Any]
@@ -53,7 +55,7 @@ _BLOCK = re.compile(rf"^{models.BLOCK_PREFIX}(\d+)/")
 _log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read, or that does not fit the model."""
 
 
@@ -68,7 +70,8 @@ def flatten_params(params: Params) -> dict[str, Any]:
     """
     if set(params) == {"params"}:
         params = params["params"]
-    return traverse_util.flatten_dict(models.unstack_blocks(dict(params)), sep=SEP)
+    params = nn.meta.unbox(dict(params))  # `model.init` boxes parameters with their axis names
+    return traverse_util.flatten_dict(models.unstack_blocks(params), sep=SEP)
 
 
 def unflatten_params(flat: Mapping[str, Any]) -> dict:

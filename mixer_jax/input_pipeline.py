@@ -57,6 +57,7 @@ import tensorflow_datasets as tfds
 
 from mixer_jax import augment
 from mixer_jax import sklearn_digits
+from mixer_jax.errors import UserError
 
 # TF only feeds data: keep it off GPUs so it never takes accelerator memory from JAX.
 try:
@@ -73,7 +74,7 @@ _SHUFFLE, _EXAMPLE, _MIXUP = 1, 2, 3
 Range = tuple[str, int, int]  # (split name, first index, end index)
 
 
-class DatasetNotPreparedError(FileNotFoundError):
+class DatasetNotPreparedError(UserError, FileNotFoundError):
     """The dataset is neither a prepared tfds dataset nor an image directory."""
 
 

@@ -33,12 +33,13 @@ from PIL import Image, ImageOps
 
 from mixer_jax import checkpoint as ckpt
 from mixer_jax import host_memory, input_pipeline, labels, models, steps
+from mixer_jax.errors import UserError
 
 # The paper's evaluation: resize the shorter side to 256, centre crop 224.
 EVAL_RESIZE_RATIO = 256 / 224
 
 
-class PredictError(ValueError):
+class PredictError(UserError, ValueError):
     """A bad checkpoint path, image file or model choice, explained."""
 
 
@@ -108,8 +109,7 @@ def load_model(checkpoint: str, *, variant: str | None = None, dtype: Any = jnp.
 
 def _check_shapes(params: dict, model: models.MlpMixer, size: int, checkpoint: str) -> None:
     """Every key present with the model's shape, nothing extra."""
-    expected = flatten_dict(jax.eval_shape(
-        model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"], sep="/")
+    expected = flatten_dict(models.param_shapes(model, (size, size, 3)), sep="/")
     found = flatten_dict(params, sep="/")
     for key in sorted(set(expected) | set(found)):
         want = expected[key].shape if key in expected else None

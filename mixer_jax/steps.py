@@ -41,7 +41,7 @@ def init_state(
     """Fresh parameters (from `rng`), optimizer state, and the dropout RNG."""
     params_rng, state_rng = jax.random.split(raw_key(rng))
     images = jnp.zeros((1, *image_shape), jnp.float32)
-    params = model.init({"params": params_rng}, images, train=False)["params"]
+    params = nn.meta.unbox(model.init({"params": params_rng}, images, train=False)["params"])
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

@@ -34,6 +34,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from mixer_jax import models
+from mixer_jax.errors import ConfigError
 from mixer_jax.optim import DECAY_TYPES, OPTIMIZERS
 from mixer_jax.parallel import PARALLELISMS
 
@@ -140,7 +141,7 @@ def model_kwargs(config) -> dict:
 
 
 def validate(config, *, num_devices: int | None = None, process_count: int = 1) -> None:
-    """Raises ValueError listing every problem found in `config`.
+    """Raises ConfigError listing every problem found in `config`.
 
     With `num_devices`, also checks that each micro-batch splits evenly over the devices.
     """
@@ -197,7 +198,7 @@ def validate(config, *, num_devices: int | None = None, process_count: int = 1) 
     check(not config.model_or_filename or config.pretrained_dir is not None,
           "model_or_filename needs pretrained_dir")
     if problems:
-        raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
 
 
 def with_defaults(config) -> ml_collections.ConfigDict:

@@ -54,7 +54,7 @@ def test_xla_cost_analysis_agrees_with_analytic_count():
     model = models.MlpMixer(patch_size=8, num_blocks=2, hidden_dim=256, tokens_mlp_dim=128,
                             channels_mlp_dim=1024, num_classes=100)
     images, labels = measure.synthetic_batch(model, 4, 64)
-    params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    params = models.param_shapes(model, images.shape[1:])
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, images).compile()
     tx = measure.recipe_optimizer("sgd")
     state = jax.eval_shape(functools.partial(steps.init_state, model, tx, image_shape=(64, 64, 3)),

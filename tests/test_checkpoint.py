@@ -29,7 +29,7 @@ def random_params(image_size=SIZE, seed=0, **overrides):
     """
     model = make_model(**overrides)
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, height, width, 3)))
+    shapes = models.param_shapes(model, (height, width, 3))
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -39,7 +39,7 @@ def random_params(image_size=SIZE, seed=0, **overrides):
             return (noise / np.sqrt(np.prod(leaf.shape[:-1]))).astype(leaf.dtype)
         return ((1.0 if name == "scale" else 0.0) + 0.1 * noise).astype(leaf.dtype)
 
-    return model, jax.tree_util.tree_map_with_path(fill, shapes["params"])
+    return model, jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def init_params(image_size, **overrides):
@@ -85,7 +85,7 @@ def npz(tmp_path, trained):
 
 def test_mixer_b16_keys_and_shapes_match_the_published_files():
     model = models.create_model("Mixer-B_16")
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    shapes = models.param_shapes(model, (224, 224, 3))
     flat = checkpoint.flatten_params(shapes)
     assert len(flat) == 150
     expected = {
@@ -396,7 +396,7 @@ def test_reinit_keeps_the_models_token_mixing(npz, trained):
 
 def abstract_params(variant, **overrides):
     model = models.create_model(variant, **overrides)
-    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    return models.param_shapes(model, (32, 32, 3))
 
 
 def test_wrong_variant_names_both_variants():

@@ -7,7 +7,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from mixer_jax import optim, train, train_config
+from mixer_jax import models, optim, train, train_config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(p.name for p in CONFIG_DIR.glob("*.py") if p.name != "__init__.py")
@@ -44,7 +44,7 @@ def test_shipped_config_is_sane(name):
     # The model builds at the configured image size (shapes only: no memory is used).
     model = train.create_model(config, num_classes=10)
     images = jax.ShapeDtypeStruct((1, config.pp.crop, config.pp.crop, 3), jnp.float32)
-    params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)["params"]
+    params = models.param_shapes(model, images.shape[1:])
     logits = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, images)
     assert logits.shape == (1, 10)
     jax.eval_shape(tx.init, params)

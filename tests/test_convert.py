@@ -22,7 +22,7 @@ def run_cli(*argv: str) -> None:
 def random_params(seed: int = 0, num_classes: int = 10) -> dict:
     """Mixer-Ti_4 parameters with every array random (the head too, unlike a fresh init)."""
     model = models.create_model("Mixer-Ti_4", num_classes=num_classes)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    shapes = models.param_shapes(model, (16, 16, 3))
     leaves, treedef = jax.tree.flatten(shapes)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree.unflatten(treedef, [np.asarray(jax.random.normal(k, leaf.shape))

@@ -22,13 +22,12 @@ PUBLISHED_PARAM_COUNTS = {
 
 
 def abstract_params(model, size=224):
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-    return shapes["params"]
+    return models.param_shapes(model, (size, size, 3))
 
 
 def random_params(model, size, seed=0, scale=0.05):
     """Initialised params perturbed everywhere (the zero-initialised head included)."""
-    params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, size, size, 3)))["params"]
+    params = jax.jit(models.init_params, static_argnums=(0, 2))(model, jax.random.key(seed), (size, size, 3))
     rng = np.random.default_rng(seed)
     return jax.tree.map(
         lambda x: x + scale * rng.standard_normal(x.shape, np.float32), params)
@@ -96,7 +95,7 @@ def test_bad_image_size_and_variant_errors():
     model = models.create_model("Mixer-Ti_4", num_classes=3)
     with pytest.raises(ValueError, match="not divisible by the patch size 4"):
         model.init(jax.random.key(0), jnp.zeros((1, 18, 16, 3)))
-    with pytest.raises(ValueError, match="Unknown Mixer variant 'Mixer-X_1'.*Mixer-B_16"):
+    with pytest.raises(ValueError, match="Unknown model 'Mixer-X_1'.*list_models"):
         models.create_model("Mixer-X_1")
     with pytest.raises(TypeError, match="drop_path"):
         models.create_model("Mixer-B_16", drop_path=0.1)
@@ -252,3 +251,26 @@ def test_bfloat16_compute_with_float32_params():
     assert out.dtype == jnp.bfloat16
     ref = apply_fn(model.clone(dtype=jnp.float32))(params, images)
     np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=0.05 * float(jnp.abs(ref).max()))
+
+
+def test_registry_lists_and_builds_by_name():
+    assert "Mixer-B_16" in models.list_models()
+    assert models.list_models("Mixer-S_*") == ["Mixer-S_16", "Mixer-S_32", "Mixer-S_8"]
+    assert models.get_family("Mixer-B/16").name == "mixer"
+    assert models.create_model("Mixer-Ti_4", num_classes=0).num_classes is None
+    with pytest.raises(ValueError, match="num_classes must be positive"):
+        models.create_model("Mixer-Ti_4", num_classes=-3)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_parameters_declare_logical_axes(scan):
+    model = models.create_model("Mixer-Ti_4", num_classes=5, scan=scan)
+    flat = flatten_dict(models.param_axes(model, (16, 16, 3)), sep="/")
+    shapes = flatten_dict(models.param_shapes(model, (16, 16, 3)), sep="/")
+    assert {k: len(v) for k, v in flat.items()} == {k: len(v.shape) for k, v in shapes.items()}
+    block = "MixerBlocks/block/" if scan else "MixerBlock_0/"
+    lead = ("layers",) if scan else ()
+    assert flat[block + "token_mixing/Dense_0/kernel"] == lead + ("tokens", "mlp")
+    assert flat[block + "channel_mixing/Dense_1/kernel"] == lead + ("mlp", "embed")
+    assert flat["head/kernel"] == ("embed", "classes")
+    assert flat["stem/kernel"] == ("kernel", "kernel", "channels", "embed")

@@ -152,7 +152,7 @@ def test_effective_rank():
 
 def test_channel_mixing_stats_match_numpy_for_both_layouts():
     model = models.create_model("Mixer-Ti_4", num_classes=3)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 8, 8, 3)))["params"]
+    shapes = models.param_shapes(model, (8, 8, 3))
     rs = np.random.RandomState(0)
     params = jax.tree.map(lambda s: rs.normal(size=s.shape).astype(np.float32), shapes)
     stats = visualize.channel_mixing_stats(params)

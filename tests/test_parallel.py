@@ -145,7 +145,7 @@ def test_fsdp_never_splits_the_token_axis_of_h14_on_256_devices(scan):
     # replicate the batch (2.4 TiB of temporaries per device), so they stay replicated.
     model = models.create_model("Mixer-H_14", scan=scan)
     image = jax.ShapeDtypeStruct((1, 224, 224, 3), jax.numpy.float32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), image)["params"]
+    shapes = models.param_shapes(model, image.shape[1:])
     specs = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
         names = ("params",) + tuple(k.key for k in path)

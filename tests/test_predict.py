@@ -19,10 +19,9 @@ CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 def random_params(model, size, seed=0, scale=0.3):
     """Random values in every parameter (the head included, which init zeroes), so
     that different images get different predictions. Drawn with numpy: fast."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: (scale * rng.standard_normal(s.shape)).astype(np.float32),
-                        shapes["params"])
+                        models.param_shapes(model, (size, size, 3)))
 
 
 @pytest.fixture(scope="module")

@@ -161,7 +161,7 @@ def synthetic_params(model: models.MlpMixer, image_size: int) -> dict:
     """Parameters of the model's shapes and dtypes filled with small random values
     on the host: the same timing as trained weights, without compiling `init`."""
     image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), image)["params"]
+    shapes = models.param_shapes(model, image.shape[1:])
     leaves, treedef = jax.tree.flatten(shapes)
     return jax.tree.unflatten(treedef, [host_random(s.shape, s.dtype, seed=10 + i, scale=0.05)
                                         for i, s in enumerate(leaves)])

@@ -14,13 +14,15 @@ Regularisation (both off by default, both inverted, i.e. identity at eval):
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mixer_jax.models import registry
+from mixer_jax.models.layers import dense, drop_path, layer_norm
 
 Dtype = Any
 
@@ -46,30 +48,21 @@ BLOCK_PREFIX = "MixerBlock_"
 SCANNED_BLOCKS = "MixerBlocks"
 
 
-def drop_path(x: jax.Array, rate, rng: jax.Array) -> jax.Array:
-    """Zeroes whole examples with probability `rate`, scales the rest by 1/(1-rate)."""
-    keep = 1.0 - rate
-    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    # `keep` may be 0 only for rate 1; guard the division.
-    return jnp.where(mask, x / jnp.maximum(keep, 1e-12), 0).astype(x.dtype)
-
-
 class MlpBlock(nn.Module):
     """Dense -> GELU (tanh approximation, as trained) -> Dense back to the input width."""
 
     mlp_dim: int
+    axis: str = "embed"  # logical name of the mixed axis: "tokens" or "embed"
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        dense = lambda features: nn.Dense(
-            features, dtype=self.dtype, param_dtype=self.param_dtype
-        )
-        y = nn.gelu(dense(self.mlp_dim)(x))
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = nn.gelu(dense(self.mlp_dim, (self.axis, "mlp"), **kw)(x))
         y = nn.Dropout(self.dropout, deterministic=not train)(y)
-        y = dense(x.shape[-1])(y)
+        y = dense(x.shape[-1], ("mlp", self.axis), **kw)(y)
         return nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
@@ -90,12 +83,10 @@ class MixerBlock(nn.Module):
     @nn.compact
     def __call__(self, x, drop_rate=0.0, train: bool = False):
         kw = dict(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = lambda name: nn.LayerNorm(
-            dtype=self.dtype, param_dtype=self.param_dtype, name=name
-        )
+        norm = lambda name: layer_norm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         y = norm("LayerNorm_0")(x)
         y = jnp.swapaxes(y, 1, 2)
-        y = MlpBlock(self.tokens_mlp_dim, name="token_mixing", **kw)(y, train=train)
+        y = MlpBlock(self.tokens_mlp_dim, "tokens", name="token_mixing", **kw)(y, train=train)
         y = jnp.swapaxes(y, 1, 2)
         x = self._residual(x, y, drop_rate, train)
         y = norm("LayerNorm_1")(x)
@@ -158,6 +149,9 @@ class MlpMixer(nn.Module):
         x = nn.Conv(
             self.hidden_dim, (p, p), strides=(p, p), padding="VALID",
             dtype=self.dtype, param_dtype=self.param_dtype, name="stem",
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("kernel", "kernel", "channels", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         )(inputs)
         x = x.reshape(x.shape[0], -1, x.shape[-1])  # raster order: n (h w) c
         feats = {"stem": x}
@@ -174,6 +168,7 @@ class MlpMixer(nn.Module):
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
                 length=self.num_blocks,
+                metadata_params={nn.PARTITION_NAME: "layers"},
             )(block=block, train=train, stochastic=self.stoch_depth > 0, name=SCANNED_BLOCKS)(x, jnp.asarray(rates))
             feats.update({f"block_{i}": per_block[i] for i in range(self.num_blocks)})
         else:
@@ -184,31 +179,14 @@ class MlpMixer(nn.Module):
                 x = block_cls(**block, name=f"{BLOCK_PREFIX}{i}")(x, float(rates[i]), train)
                 feats[f"block_{i}"] = x
 
-        x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
-                         name="pre_head_layer_norm")(x)
+        x = layer_norm(dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="pre_head_layer_norm")(x)
         x = jnp.mean(x, axis=1)
         feats["pre_logits"] = x
         if self.num_classes is not None:
-            x = nn.Dense(
-                self.num_classes, kernel_init=nn.initializers.zeros,
-                dtype=self.dtype, param_dtype=self.param_dtype, name="head",
-            )(x)
+            x = dense(self.num_classes, ("embed", "classes"), kernel_init=nn.initializers.zeros,
+                      dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)
         return (x, feats) if return_intermediates else x
-
-
-def create_model(variant: str, **overrides) -> MlpMixer:
-    """Builds a Mixer by its published name (e.g. "Mixer-B_16"), plus field overrides.
-
-    Both "Mixer-B_16" and "Mixer-B/16" are accepted.
-    """
-    name = variant.replace("/", "_")
-    if name not in VARIANTS:
-        raise ValueError(f"Unknown Mixer variant {variant!r}; known: {', '.join(VARIANTS)}.")
-    known = {f.name for f in dataclasses.fields(MlpMixer)} - {"parent", "name"}
-    unknown = set(overrides) - known
-    if unknown:
-        raise TypeError(f"Unknown MlpMixer option(s) {sorted(unknown)}; known: {sorted(known)}.")
-    return MlpMixer(**{**VARIANTS[name], **overrides})
 
 
 def stack_blocks(params: dict) -> dict:
@@ -233,3 +211,18 @@ def unstack_blocks(params: dict) -> dict:
     for i in range(num_blocks):
         out[f"{BLOCK_PREFIX}{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
     return out
+
+
+def architecture(flat) -> dict:
+    """The `MlpMixer` architecture fields of flat per-block parameters, from their shapes."""
+    blocks = {int(k.split("/")[0][len(BLOCK_PREFIX):]) for k in flat if k.startswith(BLOCK_PREFIX)}
+    token = flat[f"{BLOCK_PREFIX}0/token_mixing/Dense_0/kernel"].shape
+    return dict(patch_size=flat["stem/kernel"].shape[0], num_blocks=len(blocks),
+                hidden_dim=flat["stem/kernel"].shape[-1], tokens_mlp_dim=token[1],
+                channels_mlp_dim=flat[f"{BLOCK_PREFIX}0/channel_mixing/Dense_0/kernel"].shape[1])
+
+
+FAMILY = registry.register(registry.Family(
+    name="mixer", module=MlpMixer, variants=VARIANTS, architecture=architecture,
+    preprocessing=registry.INCEPTION,
+))

@@ -1,0 +1,20 @@
+"""Every model family, behind one registry (`list_models`, `create_model`, `get_family`).
+
+Importing this package imports each family file, which registers its variants.
+The MLP-Mixer names of the earlier single-module API stay here unchanged.
+"""
+from mixer_jax.models import mixer  # noqa: F401  (registers the family)
+from mixer_jax.models.layers import drop_path
+from mixer_jax.models.mixer import (BLOCK_PREFIX, MODEL_FIELDS, SCANNED_BLOCKS, VARIANTS,
+                                    MixerBlock, MlpBlock, MlpMixer, stack_blocks,
+                                    unstack_blocks)
+from mixer_jax.models.registry import (Family, Preprocessing, create_model, get_family,
+                                       init_params, list_families, list_models, param_axes,
+                                       param_shapes)
+
+__all__ = [
+    "BLOCK_PREFIX", "MODEL_FIELDS", "SCANNED_BLOCKS", "VARIANTS", "Family", "MixerBlock",
+    "MlpBlock", "MlpMixer", "Preprocessing", "create_model", "drop_path", "get_family",
+    "init_params", "list_families", "list_models", "param_axes", "param_shapes",
+    "stack_blocks", "unstack_blocks",
+]
