@@ -81,6 +81,9 @@ class Family:
     to_timm: Callable[[FlatParams], dict] | None = None   # flat params -> timm state dict
     preprocessing: Preprocessing = IMAGENET     # default when the weights say nothing
     timm_names: Mapping[str, str] = dataclasses.field(default_factory=dict)  # our -> timm's name
+    # Analytic forward FLOPs of one image (2 x multiply-adds of every Dense/Conv/matmul),
+    # by component; the "stem" entry is the one whose input gradient training skips.
+    flops: Callable[[nn.Module, tuple[int, int]], dict[str, int]] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
