@@ -123,3 +123,138 @@ def test_restore_params_refuses_corrupt_and_non_finite_parameters(three_checkpoi
     with pytest.raises(train_checkpoint.CorruptCheckpointError,
                        match=r"'head/bias' holds NaN/Inf"):
         train_checkpoint.restore_params(str(tmp_path / "nan"))
+
+
+class _SignallingStrategy:
+    """Delegates to the real strategy; sends `signum` to this process before step `at` + 1."""
+
+    def __init__(self, strategy, signum, at):
+        self._strategy, self._signum, self._at = strategy, signum, at
+
+    def __getattr__(self, name):
+        return getattr(self._strategy, name)
+
+    def train_step(self, state, batch):
+        if int(self._strategy.to_saveable(state).step) == self._at:
+            os.kill(os.getpid(), self._signum)  # handled before the step runs: it still runs
+        return self._strategy.train_step(state, batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_the_step_reached_and_the_resumed_run_ends_bitwise_equal(
+        signum, three_checkpoints, data_dir, tmp_path, monkeypatch):
+    make_strategy, handler = train.parallel.make_strategy, signal.getsignal(signum)
+    monkeypatch.setattr(train.parallel, "make_strategy", lambda *a, **k: _SignallingStrategy(
+        make_strategy(*a, **k), signum, at=17))
+    with pytest.raises(train.TrainingInterrupted) as stopped:
+        train.train_and_evaluate(fault_config(data_dir), str(tmp_path))
+    assert stopped.value.code == train.INTERRUPTED_EXIT_STATUS == 75
+    assert stopped.value.step == 18 and stopped.value.reason == signum.name
+    assert train_checkpoint.TrainCheckpointer(str(tmp_path)).all_steps() == [10, 18]
+    assert train_checkpoint.verify_step(tmp_path / "checkpoints" / "18") is None
+    assert max(r["step"] for r in metric_writers.read_metrics(str(tmp_path))) == 18  # flushed
+    assert signal.getsignal(signum) is handler  # the caller's handler is back
+
+    monkeypatch.setattr(train.parallel, "make_strategy", make_strategy)
+    final = train.train_and_evaluate(fault_config(data_dir), str(tmp_path))
+    assert final["step"] == 30
+    assert_trees_equal(flat(train_checkpoint.restore_params(str(tmp_path))), three_checkpoints[1])
+
+
+def _start_cli(workdir, data_dir, *overrides):
+    args = [sys.executable, "-m", "mixer_jax.main", "--config=configs/default.py",
+            f"--workdir={workdir}", f"--config.tfds_data_dir={data_dir}",
+            "--config.total_steps=400", "--config.progress_every=1",
+            "--config.checkpoint_every=1000", "--config.eval_every=1000", *overrides]
+    return subprocess.Popen(args, env=ENV, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(workdir, step, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if any(r["step"] >= step for r in metric_writers.read_metrics(str(workdir))):
+                return
+        except Exception:  # not written yet
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} not reached: {proc.communicate()[1][-3000:]}")
+
+
+_TWO_SIGNALS = textwrap.dedent("""
+    import os, signal
+    from mixer_jax import train
+    with train._StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("first:", stop.received, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("still running", flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_cli_sigterm_exits_75_with_one_line_and_a_second_signal_exits_at_once(
+        tmp_path, data_dir):
+    cli = _start_cli(tmp_path, data_dir)
+    twice = subprocess.Popen([sys.executable, "-c", _TWO_SIGNALS], env=ENV, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(tmp_path, 3, cli)
+    cli.send_signal(signal.SIGTERM)
+    _, err = cli.communicate(timeout=120)
+    assert cli.returncode == 75, err[-3000:]
+    stopped = [line for line in err.splitlines() if "rerun the same command" in line]
+    assert len(stopped) == 1 and "Stopped by SIGTERM after saving step" in stopped[0]
+    step = int(stopped[0].split("saving step ")[1].split()[0])
+    assert step >= 3 and train_checkpoint.TrainCheckpointer(str(tmp_path)).all_steps() == [step]
+    assert "Traceback" not in err
+
+    out, err = twice.communicate(timeout=120)
+    assert out.splitlines() == ["first: SIGTERM"], err[-3000:]
+    assert twice.returncode == -signal.SIGTERM  # the second signal killed it at once
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_workdir_one_trains_the_other_stops_at_once(tmp_path, data_dir):
+    runs = [_start_cli(tmp_path, data_dir, "--config.total_steps=40") for _ in range(2)]
+    started = time.time()
+    while all(run.poll() is None for run in runs) and time.time() - started < 120:
+        time.sleep(0.1)
+    loser = next(run for run in runs if run.poll() is not None)
+    winner = next(run for run in runs if run is not loser)
+    _, err = loser.communicate()
+    assert loser.returncode != 0
+    assert f"workdir {tmp_path} is in use by process {winner.pid} on host" in err
+    _, err = winner.communicate(timeout=300)
+    assert winner.returncode == 0, err[-3000:]
+    assert train_checkpoint.TrainCheckpointer(str(tmp_path)).all_steps() == [40]
+    steps = [r["step"] for r in metric_writers.read_metrics(str(tmp_path)) if "loss" in r]
+    assert steps == list(range(1, 41))  # one history, not two interleaved
+
+
+_HOLD_LOCK = textwrap.dedent("""
+    import os, signal, sys
+    from mixer_jax import workdir_lock
+    workdir_lock.WorkdirLock(sys.argv[1]).__enter__()
+    print("locked", flush=True)
+    sys.stdin.readline()
+""")
+
+
+def test_stale_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplog):
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path)], env=ENV,
+                              cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(workdir_lock.WorkdirInUseError,
+                           match=f"workdir {tmp_path} is in use by process {holder.pid} on host"):
+            workdir_lock.WorkdirLock(str(tmp_path)).__enter__()
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays, naming a dead process
+        holder.wait()
+    assert json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())["pid"] == holder.pid
+    with caplog.at_level("WARNING"), workdir_lock.WorkdirLock(str(tmp_path)):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert any(f"left by process {holder.pid}" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / ".lock").read_text() == ""  # released cleanly: the next run is silent
