@@ -26,6 +26,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import shutil
 import time
 
 import jax
@@ -93,6 +94,7 @@ class TrainCheckpointer:
         with self._space_errors():
             self._manager.wait_until_finished()  # the previous save: its errors first
             self._saving = (int(step), _nbytes(state))
+            self._check_free_space()
             self._manager.save(int(step), force=True, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.params),
                 train=ocp.args.StandardSave(_train_part(state)),
@@ -107,6 +109,14 @@ class TrainCheckpointer:
         pending = sorted(self.directory.glob(f"{step}{_TMP_SUFFIX}*"))
         # Object stores (gs://) have no temporary directory: orbax writes in place.
         _seal(pending[-1] if pending else self.directory / str(step))
+
+    def _check_free_space(self) -> None:
+        """Refuses to start a save that cannot fit (local file systems: object stores have room)."""
+        if "://" in str(self.directory):
+            return
+        free = shutil.disk_usage(self.directory).free
+        if free < self._saving[1]:
+            raise OSError(errno.ENOSPC, f"{_NO_SPACE[errno.ENOSPC]}: {free / 2**20:.1f} MiB free")
 
     @contextlib.contextmanager
     def _space_errors(self):
@@ -217,7 +227,7 @@ def _out_of_space(error: BaseException) -> str | None:
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in _NO_SPACE:
-            return _NO_SPACE[error.errno]
+            return error.strerror or _NO_SPACE[error.errno]
         for message in _NO_SPACE.values():  # tensorstore reports errno in its text only
             if message in str(error):
                 return message

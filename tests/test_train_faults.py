@@ -258,3 +258,73 @@ def test_stale_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplo
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     assert any(f"left by process {holder.pid}" in r.getMessage() for r in caplog.records)
     assert (tmp_path / ".lock").read_text() == ""  # released cleanly: the next run is silent
+
+
+_FULL_DISK_RUN = textwrap.dedent("""
+    import resource, signal, sys, time
+    sys.path.insert(0, {tests!r})
+    from test_train_faults import fault_config
+    from mixer_jax import errors, parallel, train, train_checkpoint
+
+    workdir, limit = sys.argv[1], int(sys.argv[2])
+    make_strategy = parallel.make_strategy
+
+    class FillingStrategy:
+        # Once the checkpoint of step 10 is on disk, no file may grow past `limit` bytes.
+        def __init__(self, strategy):
+            self._strategy = strategy
+        def __getattr__(self, name):
+            return getattr(self._strategy, name)
+        def train_step(self, state, batch):
+            if int(self._strategy.to_saveable(state).step) == 12:
+                while train_checkpoint.TrainCheckpointer(workdir).latest_step() != 10:
+                    time.sleep(0.05)
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+            return self._strategy.train_step(state, batch)
+
+    parallel.make_strategy = lambda *a, **k: FillingStrategy(make_strategy(*a, **k))
+    try:
+        train.train_and_evaluate(fault_config({data_dir!r}), workdir)
+    except errors.UserError as error:  # what the command line does with it
+        print(error, file=sys.stderr)
+        sys.exit(2)
+""")
+
+
+@pytest.mark.slow
+def test_full_disk_names_the_path_and_size_and_the_previous_checkpoint_restores(
+        tmp_path, data_dir, three_checkpoints):
+    code = _FULL_DISK_RUN.format(tests=str(REPO / "tests"), data_dir=data_dir)
+    limit = 16 * 1024  # metrics and events stay below it; the parameters' data file does not
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(limit)], env=ENV,
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    # One line (orbax's own threads still log their errors before it).
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("Cannot write")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"Cannot write the checkpoint of step 20 to {tmp_path}/checkpoints "
+                               "(File too large): it needs about ")
+    assert "MiB. The earlier checkpoints (10) are intact" in lines[0]
+    # The checkpoint of step 10 restores and equals the uninterrupted run's.
+    assert train_checkpoint.verify_step(tmp_path / "checkpoints" / "10") is None
+    reference = flat(train_checkpoint.restore_params(str(three_checkpoints[0]), step=10))
+    assert_trees_equal(flat(train_checkpoint.restore_params(str(tmp_path), step=10)), reference)
+
+
+def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch):
+    state = train.steps.TrainState(step=np.int32(3), params={"w": np.ones((256, 256), np.float32)},
+                                   opt_state={}, rng=np.zeros(2, np.uint32))
+    with train_checkpoint.TrainCheckpointer(str(tmp_path), async_save=False) as ckpt:
+        ckpt.save(3, state)
+        free = shutil.disk_usage(tmp_path)._replace(free=100_000)
+        monkeypatch.setattr(train_checkpoint.shutil, "disk_usage", lambda path: free)
+        with pytest.raises(train_checkpoint.DiskFullError) as error:
+            ckpt.save(4, state)
+    assert str(error.value) == (
+        f"Cannot write the checkpoint of step 4 to {tmp_path}/checkpoints (No space left on "
+        "device: 0.1 MiB free): it needs about 0.3 MiB. The earlier checkpoints (3) are intact; "
+        "free some space (or move the workdir) and rerun to resume.")
+    assert isinstance(error.value, train.checkpoint.UserError)
+    assert train_checkpoint.TrainCheckpointer(str(tmp_path)).all_steps() == [3]
+    np.testing.assert_array_equal(train_checkpoint.restore_params(str(tmp_path))["w"], 1.0)
