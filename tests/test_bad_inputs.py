@@ -1,0 +1,182 @@
+"""Bad input files and configs: each gives one clear error naming the cause and the file or key."""
+import io
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import numpy as np
+import pytest
+
+from mixer_jax import checkpoint, convert, train_checkpoint
+from mixer_jax.checkpoint import CheckpointError
+from test_convert import random_params, run_cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def flat_params(seed=0):
+    return {k: np.asarray(v) for k, v in checkpoint.flatten_params(random_params(seed)).items()}
+
+
+def npy_bytes(shape, dtype="<f4", data=b""):
+    """An .npy member whose header claims `shape` and `dtype`, followed by `data`."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": dtype, "fortran_order": False, "shape": tuple(shape)})
+    return header.getvalue() + data  # the header begins with the magic
+
+
+def npz_with(path, extra: dict, *, base=None):
+    """A valid Mixer-Ti_4 npz (or `base`) with raw .npy members added or replaced."""
+    np.savez(path, **(flat_params() if base is None else base))
+    with zipfile.ZipFile(path, "a") as zf:
+        for key, member in extra.items():
+            zf.writestr(key + ".npy", member)
+    return path
+
+
+# ----------------------------------------------------------------------------- npz
+
+
+@pytest.mark.parametrize("shape, claim", [((40_000_000_000,), "149.0 GiB"),   # 149 GiB of float32
+                                          ((2**60,), "4294967296.0 GiB")])  # 4 EiB
+def test_lying_headers_are_refused_before_allocating(tmp_path, shape, claim):
+    base = flat_params()
+    base.pop("head/bias")
+    path = npz_with(tmp_path / "lie.npz", {"head/bias": npy_bytes(shape, data=b"\0" * 40)},
+                    base=base)
+    with pytest.raises(CheckpointError, match=rf"'head/bias' claims shape \({shape[0]},\) "
+                                              rf"\({claim}\), more than any Mixer parameter"):
+        checkpoint.load_npz(path)
+
+
+def test_header_that_disagrees_with_its_member_size_is_refused(tmp_path):
+    base = flat_params()
+    base.pop("stem/bias")
+    path = npz_with(tmp_path / "lie.npz", {"stem/bias": npy_bytes((1000,), data=b"\0" * 256)},
+                    base=base)
+    with pytest.raises(CheckpointError, match=r"'stem/bias' claims shape \(1000,\) of float32 "
+                                              r"\(4000 bytes\) but its zip member holds 256 bytes"):
+        checkpoint.load_npz(path)
+
+
+_BOMB = textwrap.dedent("""
+    import resource, sys
+    import tensorflow  # what today's reader imports anyway: measured before, not charged
+    from mixer_jax import checkpoint
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak()
+    for path in sys.argv[1:]:
+        try:
+            checkpoint.load_npz(path)
+        except checkpoint.CheckpointError as error:
+            print("refused:", error)
+    print("peak_rss_mib", before, peak())
+""")
+
+
+def _bomb(path, member, shape, nbytes):
+    """A valid Mixer-Ti_4 npz plus `member`: `nbytes` of deflated zeros claiming `shape`."""
+    np.savez(path, **{k: v for k, v in flat_params().items() if k != member})
+    chunk = bytes(2**24)
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        with zf.open(member + ".npy", "w", force_zip64=True) as out:
+            out.write(npy_bytes(shape))
+            for _ in range(nbytes // len(chunk)):
+                out.write(chunk)
+    return path
+
+
+@pytest.mark.slow
+def test_zip_bombs_are_refused_before_inflating(tmp_path):
+    # 512 MiB that fits no Ti_4 array; 2.5 GiB, more than any Mixer array.
+    small = _bomb(tmp_path / "small.npz", "head/kernel", (64, 2**21), 2**29)
+    large = _bomb(tmp_path / "large.npz", "MixerBlock_9/extra", (5 * 2**27,), 5 * 2**29)
+    assert small.stat().st_size < 4 * 2**20 and large.stat().st_size < 16 * 2**20
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-c", _BOMB, str(small), str(large)], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    refused = [line for line in proc.stdout.splitlines() if line.startswith("refused:")]
+    assert len(refused) == 2, proc.stdout + proc.stderr[-2000:]
+    assert ("'head/kernel' claims shape (64, 2097152), larger than any array of the Mixer-Ti_4 "
+            "its other arrays describe (at most 8388608 values)") in refused[0]
+    assert "'MixerBlock_9/extra' claims shape (671088640,) (2.5 GiB), more than" in refused[1]
+    before, peak = map(float, proc.stdout.split("peak_rss_mib")[1].split())
+    assert peak - before < 64, (before, peak)  # nothing was inflated
+
+
+def test_bfloat16_files_load_as_bfloat16(tmp_path):
+    import ml_dtypes
+    flat = flat_params()
+    as_void = {k: v.astype(ml_dtypes.bfloat16).view("V2") for k, v in flat.items()}
+    np.savez(tmp_path / "bf16.npz", **as_void)  # how big_vision's files look to numpy: |V2
+    loaded = checkpoint.flatten_params(checkpoint.load_npz(tmp_path / "bf16.npz"))
+    for key, value in flat.items():
+        assert loaded[key].dtype == ml_dtypes.bfloat16, key
+        np.testing.assert_array_equal(loaded[key], value.astype(ml_dtypes.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_float16_and_float64_files_say_they_are_cast(tmp_path, dtype, caplog):
+    np.savez(tmp_path / "p.npz", **{k: v.astype(dtype) for k, v in flat_params().items()})
+    with caplog.at_level(logging.INFO, logger="mixer_jax.checkpoint"):
+        loaded = checkpoint.flatten_params(checkpoint.load_npz(tmp_path / "p.npz"))
+    assert loaded["stem/kernel"].dtype == dtype
+    assert any(f"stores {dtype} arrays; models load them cast to their own parameter dtype"
+               in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------- convert
+
+
+def _edit(flat, *, drop=(), add=None, reshape=None):
+    flat = {k: v for k, v in flat.items() if k not in drop}
+    flat.update(add or {})
+    for key, shape in (reshape or {}).items():
+        flat[key] = np.zeros(shape, np.float32)
+    return flat
+
+
+CONVERT_CASES = {
+    "missing key": (dict(drop=["MixerBlock_1/channel_mixing/Dense_0/bias"]),
+                    r"has no 'MixerBlock_1/channel_mixing/Dense_0/bias' \(the model expects "
+                    r"shape \(128,\)\)"),
+    "missing head": (dict(drop=["head/kernel", "head/bias"]), r"it has no head"),
+    "extra key": (dict(add={"MixerBlock_0/extra/kernel": np.ones((2, 2), np.float32)}),
+                  r"has 'MixerBlock_0/extra/kernel' \(shape \(2, 2\)\), which the model does "
+                  "not have"),
+    "wrong shape": (dict(reshape={"MixerBlock_1/channel_mixing/Dense_1/kernel": (128, 65)}),
+                    r"'MixerBlock_1/channel_mixing/Dense_1/kernel': the model expects shape "
+                    r"\(128, 64\), .* has \(128, 65\)"),
+    "path traversal key": (dict(add={"../../etc/kernel": np.ones(3, np.float32)}),
+                           r"has '../../etc/kernel' \(shape \(3,\)\), which the model does not"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONVERT_CASES))
+def test_convert_refuses_an_incomplete_or_edited_model(tmp_path, case):
+    edit, message = CONVERT_CASES[case]
+    source = tmp_path / "in.npz"
+    np.savez(source, **_edit(flat_params(), **edit))
+    with pytest.raises(CheckpointError, match=rf"Cannot convert '{source}': it is not a "
+                                              rf"complete, valid MLP-Mixer \(.*{message}"):
+        convert.npz_to_orbax(str(source), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_convert_to_an_existing_out_needs_overwrite(tmp_path):
+    first = checkpoint.save_npz(random_params(0), str(tmp_path / "a.npz"))
+    second = checkpoint.save_npz(random_params(1), str(tmp_path / "b.npz"))
+    out = tmp_path / "orbax"
+    run_cli("npz-to-orbax", f"--npz={first}", f"--out={out}")
+    with pytest.raises(CheckpointError, match=rf"--out {out} already exists; pass --overwrite"):
+        run_cli("npz-to-orbax", f"--npz={second}", f"--out={out}")
+    run_cli("npz-to-orbax", f"--npz={second}", f"--out={out}", "--overwrite")
+    restored = checkpoint.flatten_params(train_checkpoint.restore_params(str(out)))
+    np.testing.assert_array_equal(restored["stem/kernel"], flat_params(1)["stem/kernel"])
+    with pytest.raises(CheckpointError, match=rf"--out {tmp_path / 'a.npz'} already exists"):
+        convert.orbax_to_npz(str(out), first)
