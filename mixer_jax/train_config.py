@@ -12,6 +12,7 @@ Data (read by `input_pipeline`):
   pp.resize         eval: shorter side before the centre crop (None: resize straight to crop);
   pp.inception_crop, pp.flip, pp.randaugment ((layers, magnitude) or None), pp.mixup (alpha).
   batch, batch_eval GLOBAL batch sizes (all hosts, all devices); shuffle_buffer; seed.
+  skip_bad_images   image folders: train without unreadable files instead of stopping.
 Model: model_name (a `models.VARIANTS` name) and model.* (MlpMixer field overrides:
   dropout, stoch_depth, dtype, scan, remat, and architecture fields for tiny custom models).
 Fine-tuning: pretrained_dir + model_or_filename -> a published `.npz` or an orbax checkpoint
@@ -56,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch = 512
     c.batch_eval = 512
     c.shuffle_buffer = 10_000
+    c.skip_bad_images = False
 
     c.model_name = "Mixer-B_16"
     c.model = ml_collections.ConfigDict(dict(

@@ -230,3 +230,109 @@ def test_model_options_are_checked_against_the_models_family():
     with pytest.raises(ConfigError, match=r"unknown model option\(s\) \['hiden_dim'\] for "
                                           r"Mixer-Ti_4; known: \[.*'hidden_dim'"):
         train_config.validate(config)
+
+
+# ---------------------------------------------------------------------- image folders
+
+from PIL import Image  # noqa: E402
+
+from mixer_jax import input_pipeline  # noqa: E402
+
+
+def image_folder(root, classes={"train": {"a": 3, "b": 3}, "test": {"a": 2, "b": 2}}):
+    for split, counts in classes.items():
+        for cls, count in counts.items():
+            os.makedirs(root / split / cls, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(
+                    root / split / cls / f"{i}.png")
+    return root
+
+
+def folder_config(root, **changes):
+    config = train_config.base_config()
+    config.dataset = str(root)
+    config.pp.crop, config.pp.resize = 8, None
+    config.update(changes)
+    return config
+
+
+def add_bad_images(root):
+    """A truncated JPEG, a zero-byte PNG and a text file named .png."""
+    jpeg = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(jpeg, "JPEG")
+    bad = {root / "train" / "a" / "cut.jpg": jpeg.getvalue()[:len(jpeg.getvalue()) // 2],
+           root / "train" / "b" / "empty.png": b"",
+           root / "test" / "a" / "text.png": b"just some notes, not a picture\n"}
+    for path, data in bad.items():
+        path.write_bytes(data)
+    return bad
+
+
+def test_every_bad_image_is_named_before_training_or_skipped_on_request(tmp_path, caplog):
+    root = image_folder(tmp_path)
+    bad = add_bad_images(root)
+    input_pipeline._cached_source.cache_clear()
+    with pytest.raises(input_pipeline.BadImagesError) as error:
+        input_pipeline.get_dataset_info(folder_config(root))
+    lines = str(error.value).splitlines()
+    assert lines[0] == (f"Image directory {root} has 3 unreadable image file(s); fix or remove "
+                        "them, or set config.skip_bad_images=True to train without them:")
+    assert lines[1:] == [f"  {root}/test/a/text.png: not an image file (unrecognised content)",
+                         f"  {root}/train/a/cut.jpg: corrupt image (Truncated File Read)",
+                         f"  {root}/train/b/empty.png: empty file (0 bytes)"]
+
+    with caplog.at_level("WARNING"):
+        info = input_pipeline.get_dataset_info(folder_config(root, skip_bad_images=True))
+    assert (info.num_train_examples, info.num_eval_examples) == (6, 4)
+    skipped = [r.getMessage() for r in caplog.records if "Skipping unreadable image" in r.getMessage()]
+    assert len(skipped) == 3 and all(any(str(p) in m for m in skipped) for p in bad)
+    batch = next(input_pipeline.train_dataset(folder_config(
+        root, skip_bad_images=True, batch=6)).as_numpy_iterator())  # decodes: nothing bad left
+    assert batch["image"].shape == (6, 8, 8, 3)
+
+
+def test_image_check_runs_once_per_file_and_again_when_a_file_changes(tmp_path, monkeypatch):
+    root = image_folder(tmp_path)
+    checked = []
+    problem = input_pipeline._image_problem
+    monkeypatch.setattr(input_pipeline, "_image_problem",
+                        lambda path: checked.append(path) or problem(path))
+    input_pipeline._folder_source(str(root))
+    assert len(checked) == 10
+    input_pipeline._folder_source(str(root))
+    assert len(checked) == 10  # all cached
+    (root / "train" / "a" / "1.png").write_bytes(b"")
+    with pytest.raises(input_pipeline.BadImagesError, match="train/a/1.png: empty file"):
+        input_pipeline._folder_source(str(root))
+    assert checked[10:] == [str(root / "train" / "a" / "1.png")]
+
+
+def test_a_class_only_in_test_is_an_error(tmp_path):
+    root = image_folder(tmp_path, {"train": {"a": 2, "b": 2}, "test": {"a": 1, "c": 1}})
+    input_pipeline._cached_source.cache_clear()
+    with pytest.raises(input_pipeline.BadImagesError,
+                       match=rf"Image directory {root}: class\(es\) 'c' \(only in test/\) have no "
+                             "images in the training split 'train'; the model could never predict"):
+        input_pipeline.get_dataset_info(folder_config(root))
+
+
+def test_a_one_class_folder_is_an_error(tmp_path):
+    root = image_folder(tmp_path, {"train": {"cats": 2}, "test": {"cats": 1}})
+    input_pipeline._cached_source.cache_clear()
+    with pytest.raises(input_pipeline.BadImagesError,
+                       match=rf"Image directory {root} has a single class \('cats'\); a classifier "
+                             "needs two or more"):
+        input_pipeline.get_dataset_info(folder_config(root))
+
+
+def test_empty_class_folders_are_reported(tmp_path, caplog):
+    root = image_folder(tmp_path)
+    os.makedirs(root / "train" / "zebra")
+    os.makedirs(root / "test" / "zebra")
+    input_pipeline._cached_source.cache_clear()
+    with caplog.at_level("WARNING"):
+        info = input_pipeline.get_dataset_info(folder_config(root))
+    assert info.label_names == ["a", "b"]
+    assert any(f"2 class folder(s) hold no images and are ignored: {root}/test/zebra, "
+               f"{root}/train/zebra" in r.getMessage() for r in caplog.records)
