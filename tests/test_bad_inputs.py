@@ -336,3 +336,30 @@ def test_empty_class_folders_are_reported(tmp_path, caplog):
     assert info.label_names == ["a", "b"]
     assert any(f"2 class folder(s) hold no images and are ignored: {root}/test/zebra, "
                f"{root}/train/zebra" in r.getMessage() for r in caplog.records)
+
+
+# -------------------------------------------------------------------------- predict
+
+from mixer_jax import predict  # noqa: E402
+
+
+def test_predict_refuses_a_corrupt_or_non_finite_orbax_checkpoint(tmp_path):
+    params = random_params()
+    convert.npz_to_orbax(checkpoint.save_npz(params, str(tmp_path / "p.npz")), str(tmp_path / "o"))
+    predict.load_params(str(tmp_path / "o"))  # intact: loads
+    data = max((p for p in (tmp_path / "o" / "0" / "params").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    corrupted = bytearray(data.read_bytes())
+    corrupted[len(corrupted) // 2] ^= 1
+    data.write_bytes(bytes(corrupted))
+    with pytest.raises(predict.PredictError,
+                       match=r"The checkpoint of step 0 in .*/o is corrupt: .* does not match the "
+                             r"SHA-256 recorded when it was written"):
+        predict.load_params(str(tmp_path / "o"))
+
+    params = {**params, "head": {"kernel": params["head"]["kernel"],
+                                 "bias": np.array(params["head"]["bias"])}}
+    params["head"]["bias"][1] = np.nan
+    train_checkpoint.save_params(params, str(tmp_path / "nan"))
+    with pytest.raises(predict.PredictError, match=r"parameter 'head/bias' holds NaN/Inf"):
+        predict.load_params(str(tmp_path / "nan"))

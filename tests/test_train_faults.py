@@ -39,6 +39,20 @@ def three_checkpoints(tmp_path_factory, data_dir):
     return workdir, flat(train_checkpoint.restore_params(str(workdir)))
 
 
+@pytest.fixture(scope="module")
+def small_checkpoints(tmp_path_factory):
+    """Steps 10, 20, 30 of a small state, saved as training does (no training: quick)."""
+    workdir = tmp_path_factory.mktemp("small")
+    rng = np.random.default_rng(0)
+    with train_checkpoint.TrainCheckpointer(str(workdir)) as ckpt:
+        for step in (10, 20, 30):
+            params = {"dense": {"kernel": rng.normal(size=(64, 64)).astype(np.float32)}}
+            ckpt.save(step, train.steps.TrainState(
+                step=np.int32(step), params=params, opt_state={"mu": params},
+                rng=np.array([0, step], np.uint32)))
+    return workdir
+
+
 def _data_file(step_dir: pathlib.Path) -> pathlib.Path:
     """The largest array data file of the step's parameters."""
     return max((p for p in (step_dir / "params").rglob("*") if p.is_file()),
@@ -85,8 +99,8 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_p
         5, 10, 15, 20, 25, 30]
 
 
-def test_verify_step_names_the_bad_file_for_every_corruption(three_checkpoints, tmp_path):
-    source, _ = three_checkpoints
+def test_verify_step_names_the_bad_file_for_every_corruption(small_checkpoints, tmp_path):
+    source = small_checkpoints
     assert train_checkpoint.verify_step(source / "checkpoints" / "30") is None
     for corruption, corrupt in CORRUPTIONS.items():
         step_dir = tmp_path / corruption / "30"
@@ -96,8 +110,8 @@ def test_verify_step_names_the_bad_file_for_every_corruption(three_checkpoints, 
         assert problem is not None and EXPECTED_FILE[corruption] in problem, (corruption, problem)
 
 
-def test_no_good_checkpoint_stops_with_every_step_named(three_checkpoints, data_dir, tmp_path):
-    source, _ = three_checkpoints
+def test_no_good_checkpoint_stops_with_every_step_named(small_checkpoints, data_dir, tmp_path):
+    source = small_checkpoints
     shutil.copytree(source, tmp_path, dirs_exist_ok=True)
     for step in (10, 20, 30):
         _flip_bit(_data_file(tmp_path / "checkpoints" / str(step)))
@@ -108,21 +122,19 @@ def test_no_good_checkpoint_stops_with_every_step_named(three_checkpoints, data_
         "10", "20", "30"]
 
 
-def test_restore_params_refuses_corrupt_and_non_finite_parameters(three_checkpoints, tmp_path):
-    source, reference = three_checkpoints
-    shutil.copytree(source / "checkpoints" / "30", tmp_path / "30")
+def test_restore_params_refuses_corrupt_and_non_finite_parameters(small_checkpoints, tmp_path):
+    shutil.copytree(small_checkpoints / "checkpoints" / "30", tmp_path / "30")
+    good = train_checkpoint.restore_params(str(tmp_path / "30"))
     _flip_bit(_data_file(tmp_path / "30"))
     with pytest.raises(train_checkpoint.CorruptCheckpointError,
                        match=r"step 30 .* corrupt: .*params/.* SHA-256"):
         train_checkpoint.restore_params(str(tmp_path / "30"))
 
-    bad = {k: v.copy() for k, v in reference.items()}
-    bad["head/bias"][0] = np.nan
-    train_checkpoint.save_params(train_checkpoint.traverse_util.unflatten_dict(bad, sep="/"),
-                                 str(tmp_path / "nan"))
+    good["dense"]["kernel"][3, 5] = np.inf
+    train_checkpoint.save_params(good, str(tmp_path / "inf"))
     with pytest.raises(train_checkpoint.CorruptCheckpointError,
-                       match=r"'head/bias' holds NaN/Inf"):
-        train_checkpoint.restore_params(str(tmp_path / "nan"))
+                       match=r"'dense/kernel' holds NaN/Inf"):
+        train_checkpoint.restore_params(str(tmp_path / "inf"))
 
 
 class _SignallingStrategy:
@@ -160,6 +172,8 @@ def test_signal_saves_the_step_reached_and_the_resumed_run_ends_bitwise_equal(
     final = train.train_and_evaluate(fault_config(data_dir), str(tmp_path))
     assert final["step"] == 30
     assert_trees_equal(flat(train_checkpoint.restore_params(str(tmp_path))), three_checkpoints[1])
+    # keep_checkpoints=3 holds across the resume.
+    assert train_checkpoint.TrainCheckpointer(str(tmp_path)).all_steps() == [18, 20, 30]
 
 
 def _start_cli(workdir, data_dir, *overrides):
@@ -328,3 +342,19 @@ def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch)
     assert isinstance(error.value, train.checkpoint.UserError)
     assert train_checkpoint.TrainCheckpointer(str(tmp_path)).all_steps() == [3]
     np.testing.assert_array_equal(train_checkpoint.restore_params(str(tmp_path))["w"], 1.0)
+
+
+@pytest.mark.slow
+def test_a_finished_run_killed_before_its_final_eval_logs_it_when_rerun(
+        three_checkpoints, data_dir, tmp_path):
+    shutil.copytree(three_checkpoints[0], tmp_path, dirs_exist_ok=True)
+    metrics = tmp_path / metric_writers.METRICS_FILE
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert "eval_top1" in records[-1] and records[-1]["step"] == 30
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records[:-1]))  # killed before it
+
+    final = train.train_and_evaluate(fault_config(data_dir), str(tmp_path))
+    evals = [r for r in metric_writers.read_metrics(str(tmp_path)) if "eval_top1" in r]
+    assert evals == [records[-1]] and final["eval_top1"] == records[-1]["eval_top1"]
+    train.train_and_evaluate(fault_config(data_dir), str(tmp_path))  # once more: not twice
+    assert [r for r in metric_writers.read_metrics(str(tmp_path)) if "eval_top1" in r] == evals
