@@ -296,6 +296,13 @@ def _variant(family: registry.Family, flat) -> str | None:
     return None
 
 
+def model_name(params) -> str | None:
+    """The registered variant a parameter tree (nested or flat) is, from its shapes, or None."""
+    flat = params if all("/" in k for k in params) else checkpoint.flatten_params(params)
+    return next(filter(None, (_variant(models.get_family(f), flat)
+                              for f in models.list_families())), None)
+
+
 def _identify(state_dict) -> tuple[str, dict] | None:
     """(model name, flat params) of the registered variant whose layout `state_dict` has."""
     for family in map(models.get_family, models.list_families()):
@@ -439,9 +446,7 @@ def to_timm(params, name: str, *, image_size: int | tuple[int, int] | None = Non
         raise _error(f"{name}'s family ({family.name}) has no timm key map.")
     flat = _checked(checkpoint.flatten_params(params), "The parameters")
     size = _image_size(image_size or family.preprocessing.input_size)
-    identified = next(filter(None, (_variant(models.get_family(f), flat)
-                                    for f in models.list_families())), None)
-    _Expected(family, name, size, identified, "The parameters",
+    _Expected(family, name, size, model_name(flat), "The parameters",
               _num_classes(name, flat, size)).check({k: v.shape for k, v in flat.items()})
     return {k: np.ascontiguousarray(v) for k, v in family.to_timm(flat).items()}
 
