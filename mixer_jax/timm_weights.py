@@ -250,7 +250,8 @@ def hub_snapshot(repo_id: str) -> str:
         return fetch_all(local=True)
     except errors.LocalEntryNotFoundError:
         pass
-    if constants.HF_HUB_OFFLINE:
+    offline = getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)
+    if offline():
         raise _error(f"'{HF_HUB_PREFIX}{repo_id}' is not in the Hugging Face cache and "
                      "HF_HUB_OFFLINE is set; download it on a connected machine or pass a "
                      "local snapshot folder or .safetensors file.")
@@ -336,6 +337,7 @@ class _Expected:
     image_size: tuple[int, int]
     identified: str | None  # what the file is, where it is a registered variant
     label: str
+    subject: str = "this file is"  # what `identified` describes, in messages
 
     @functools.cached_property
     def model(self):
@@ -358,7 +360,7 @@ class _Expected:
         if mismatch is None:
             return
         if self.identified and self.identified != self.name:
-            cause = f"this file is {self.identified}, the model is {self.name}"
+            cause = f"{self.subject} {self.identified}, the model is {self.name}"
         else:
             cause = f"the file is incomplete, or not a {self.name} of timm's definition"
         size = f"{self.image_size[0]}x{self.image_size[1]}"
@@ -401,7 +403,8 @@ def read_timm(source, name: str | None = None) -> TimmWeights:
     name = name or hints.get("name") or (found and found[0])
     if not name:
         raise _error(f"{label} is not a timm checkpoint of any model mixer_jax knows (keys e.g. "
-                     f"{sorted(state_dict)[:3]}); `mixer_jax.models.list_models()` lists them.")
+                     f"{sorted(state_dict)[:3]}); `mixer_jax.models.list_models()` lists them. "
+                     "If it is one with missing or extra keys, pass its name to see which.")
     try:
         family = models.get_family(name)
     except ValueError as e:
@@ -409,14 +412,17 @@ def read_timm(source, name: str | None = None) -> TimmWeights:
     name = registry.canonical_name(name)
     if family.from_timm is None:
         raise _error(f"{name}'s family ({family.name}) has no timm key map.")
+    image_size = _image_size(hints.get("image_size") or family.preprocessing.input_size)
     flat = found[1] if found and models.get_family(found[0]) is family else None
     if flat is None:
+        # Missing or extra keys: convert what is there (gaps filled), for the class count;
+        # the check below then names the first difference.
+        default = _Expected(family, name, image_size, None, label).timm_shapes
         try:
-            flat = family.from_timm(state_dict)
+            flat = family.from_timm({k: state_dict.get(k, _zeros(s)) for k, s in default.items()})
         except (ValueError, KeyError, IndexError):
-            pass  # the shape check below names what is wrong
-    image_size = _image_size(hints.get("image_size") or family.preprocessing.input_size)
-    expected = _Expected(family, name, image_size, found and found[0], label,
+            pass
+    expected = _Expected(family, name, image_size, found and found[0], label, "this file is",
                          _num_classes(name, flat, image_size) if flat is not None else 1000)
     expected.check({k: v.shape for k, v in state_dict.items()}, timm_space=True)
     expected.check({k: v.shape for k, v in flat.items()})
@@ -446,8 +452,9 @@ def to_timm(params, name: str, *, image_size: int | tuple[int, int] | None = Non
         raise _error(f"{name}'s family ({family.name}) has no timm key map.")
     flat = _checked(checkpoint.flatten_params(params), "The parameters")
     size = _image_size(image_size or family.preprocessing.input_size)
-    _Expected(family, name, size, model_name(flat), "The parameters",
-              _num_classes(name, flat, size)).check({k: v.shape for k, v in flat.items()})
+    _Expected(family, name, size, model_name(flat), "the parameters",
+              "the parameters are", _num_classes(name, flat, size)
+              ).check({k: v.shape for k, v in flat.items()})
     return {k: np.ascontiguousarray(v) for k, v in family.to_timm(flat).items()}
 
 
