@@ -614,7 +614,8 @@ def load_pretrained(source: PathLike | Params, init_params: Params, *,
 
 # timm's formats live in `mixer_jax.timm_weights` (which uses this module); re-exported
 # lazily here so that `checkpoint.load_timm` works without an import cycle.
-_TIMM_API = ("load_timm", "read_timm", "save_timm", "to_timm", "TimmWeights")
+_TIMM_API = ("load_timm", "read_timm", "save_timm", "to_timm", "is_timm_source",
+             "TimmWeights")
 
 
 def __getattr__(name: str):

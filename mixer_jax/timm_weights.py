@@ -195,6 +195,17 @@ def _read_file(path: str) -> tuple[dict, dict]:
     return state_dict, hints
 
 
+def is_timm_source(source) -> bool:
+    """Whether `source` is for `read_timm` (vs. an `.npz` or orbax checkpoint), from its form:
+    an hf-hub: id, a .safetensors/.pth/.bin file, a folder holding timm's weight file, or a
+    state dict with dotted keys."""
+    if isinstance(source, Mapping):
+        return any("." in k for k in source) and not any("/" in k for k in source)
+    path = os.fspath(source)
+    return (path.startswith(HF_HUB_PREFIX) or path.endswith((".safetensors", *_TORCH_SUFFIXES))
+            or any(os.path.exists(os.path.join(path, n)) for n in _WEIGHT_FILES))
+
+
 def _read_source(source) -> tuple[dict, dict, str]:
     """(state dict of numpy arrays, hints {name, image_size, preprocessing}, label)."""
     if isinstance(source, Mapping):

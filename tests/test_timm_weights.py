@@ -88,9 +88,11 @@ def test_every_source_kind_gives_the_same_params(tmp_path, tiny, tiny_state_dict
         "folder": snapshot,
     }
     for kind, source in sources.items():
+        assert checkpoint.is_timm_source(source), kind
         weights = checkpoint.read_timm(source)
         assert weights.name == TINY, kind
         assert_bitwise(weights.params, tiny)
+    assert not any(map(checkpoint.is_timm_source, [tmp_path / "m.npz", tmp_path, tiny]))
     folder = checkpoint.read_timm(snapshot)
     assert folder.preprocessing == registry.Preprocessing(
         mean=(0, 0, 0), std=(1, 1, 1), input_size=224, crop_pct=0.9, interpolation="bilinear")
