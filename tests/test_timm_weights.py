@@ -1,6 +1,7 @@
 """timm's weight formats: every source kind, round trips, bad files, the Hub, convert's commands."""
 import json
 import os
+import sys
 import time
 
 import jax
@@ -96,6 +97,23 @@ def test_every_source_kind_gives_the_same_params(tmp_path, tiny, tiny_state_dict
     folder = checkpoint.read_timm(snapshot)
     assert folder.preprocessing == registry.Preprocessing(
         mean=(0, 0, 0), std=(1, 1, 1), input_size=224, crop_pct=0.9, interpolation="bilinear")
+
+
+def test_unnamed_mixer_weights_get_timms_name():
+    """A state dict fits Mixer-S_32 and mixer_s32_224 alike; timm's weights get timm's name."""
+    shapes = checkpoint.flatten_params(models.param_shapes(models.create_model("Mixer-S_32")))
+    state_dict = models.get_family("mixer").to_timm(
+        {k: np.zeros(s.shape, np.float32) for k, s in shapes.items()})
+    weights = checkpoint.read_timm(state_dict)
+    assert (weights.name, weights.num_classes) == ("mixer_s32_224", 1000)
+    assert checkpoint.read_timm(state_dict, "Mixer-S_32").name == "Mixer-S_32"
+
+
+def test_pth_without_torch_says_what_to_install(tmp_path, tiny_state_dict, monkeypatch):
+    path = _write(tmp_path, {k: torch.from_numpy(v) for k, v in tiny_state_dict.items()}, ".pth")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(CheckpointError, match="needs torch .*safetensors"):
+        checkpoint.load_timm(path)
 
 
 def test_torch_bfloat16_tensors_keep_their_bits(tiny_state_dict):
