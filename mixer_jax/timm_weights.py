@@ -349,6 +349,7 @@ class _Expected:
     identified: str | None  # what the file is, where it is a registered variant
     label: str
     subject: str = "this file is"  # what `identified` describes, in messages
+    num_classes: int | None = 1000
 
     @functools.cached_property
     def model(self):
@@ -363,8 +364,6 @@ class _Expected:
         return {k: tuple(v.shape) for k, v in self.family.to_timm(
             {k: _zeros(s) for k, s in self.shapes.items()}).items()}
 
-    num_classes: int | None = 1000
-
     def check(self, found: Mapping[str, tuple], timm_space: bool = False) -> None:
         """Raises CheckpointError unless `found` shapes are exactly the expected ones."""
         mismatch = _first_mismatch(found, self.timm_shapes if timm_space else self.shapes)
@@ -373,7 +372,7 @@ class _Expected:
         if self.identified and self.identified != self.name:
             cause = f"{self.subject} {self.identified}, the model is {self.name}"
         else:
-            cause = f"the file is incomplete, or not a {self.name} of timm's definition"
+            cause = f"{self.subject} incomplete, or not a {self.name} of timm's definition"
         size = f"{self.image_size[0]}x{self.image_size[1]}"
         raise _error(f"{self.name} ({size}) cannot use {self.label}: {mismatch}; {cause}.")
 

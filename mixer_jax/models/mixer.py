@@ -255,6 +255,7 @@ def architecture(flat) -> dict:
 
 
 def shape_fields(flat) -> dict:
+    """The five architecture fields of flat Mixer-layout parameters (gated or not)."""
     for key in ("stem/kernel", f"{BLOCK_PREFIX}0/token_mixing/Dense_0/kernel",
                 f"{BLOCK_PREFIX}0/channel_mixing/Dense_0/kernel"):
         if key not in flat:
