@@ -332,7 +332,9 @@ def flops(model: MlpMixer, image_size: tuple[int, int]) -> dict[str, int]:
     height, width = image_size
     tokens, hidden, p = (height // model.patch_size) * (width // model.patch_size), \
         model.hidden_dim, model.patch_size
-    denses = 3 if model.gated else 2  # in -> mlp_dim (x2 when gated) -> in
+    # A Dense of n inputs and k outputs applied to r rows costs 2*r*n*k; each MLP is two
+    # of them (in -> mlp_dim -> in), three when gated (value and gate, then out).
+    denses = 3 if model.gated else 2
     return {
         "stem": 2 * tokens * p * p * 3 * hidden,
         "token_mixing": model.num_blocks * denses * 2 * hidden * tokens * model.tokens_mlp_dim,
