@@ -208,12 +208,12 @@ def test_each_bad_config_value_is_a_line_of_the_invalid_config_list(flag):
 
 
 def test_all_bad_values_are_listed_together():
-    flags = sorted(CONFIG_CASES)
-    config = train_config.with_defaults(load(str(CONFIG_DIR / "default.py"), *flags))
+    cases = {k: v for k, v in CONFIG_CASES.items() if k != "--config.pp.crop=0"}  # one crop
+    config = train_config.with_defaults(load(str(CONFIG_DIR / "default.py"), *cases))
     with pytest.raises(ConfigError) as error:
         train_config.validate(config, num_devices=8)
     lines = str(error.value).splitlines()[1:]
-    assert sorted(lines) == sorted(f"  - {m}" for m in CONFIG_CASES.values())
+    assert sorted(lines) == sorted(f"  - {m}" for m in cases.values())
 
 
 def test_architecture_fields_can_be_set_on_the_command_line():

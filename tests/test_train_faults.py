@@ -358,3 +358,39 @@ def test_a_finished_run_killed_before_its_final_eval_logs_it_when_rerun(
     assert evals == [records[-1]] and final["eval_top1"] == records[-1]["eval_top1"]
     train.train_and_evaluate(fault_config(data_dir), str(tmp_path))  # once more: not twice
     assert [r for r in metric_writers.read_metrics(str(tmp_path)) if "eval_top1" in r] == evals
+
+
+_HOSTS = textwrap.dedent("""
+    import os, signal, sys
+    from mixer_jax import parallel
+    port, index, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    parallel.maybe_initialize_distributed(f"127.0.0.1:{{port}}", 2, index)
+    from mixer_jax import train, workdir_lock
+
+    class NoPreemption:
+        def reached_preemption(self, step):
+            return False
+
+    with workdir_lock.WorkdirLock(workdir), train._StopSignals() as stop:  # one shared workdir
+        for step in range(1, 10):
+            if index == 1 and step == 4:
+                os.kill(os.getpid(), signal.SIGTERM)  # only this host gets the signal
+            reason = stop.requested(step, NoPreemption())
+            if reason:
+                print("stop", step, reason, flush=True)
+                break
+""")
+
+
+@pytest.mark.slow
+def test_hosts_agree_on_the_stopping_step_and_only_process_0_locks(tmp_path):
+    from test_distributed import free_port
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _HOSTS.format(), str(port), str(i),
+                               str(tmp_path)], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    stops = [[line for line in out.splitlines() if line.startswith("stop")] for out, _ in outs]
+    assert stops == [["stop 4 a signal on another host"], ["stop 4 SIGTERM"]]
