@@ -127,6 +127,18 @@ class MixConfig:
         return out
 
 
+# `config.mix` values switching one method on with its paper's usual setting (DeiT's
+# mixup 0.8, alpha 1 for the others).
+SETTINGS = {"mixup": {"mixup_alpha": 0.8}, "cutmix": {"cutmix_alpha": 1.0},
+            "fmix": {"fmix_alpha": 1.0}, "resizemix": {"resizemix": True},
+            "saliencymix": {"saliencymix_alpha": 1.0}, "maskmix": {"maskmix_alpha": 1.0}}
+
+
+def alone(method: str, **changes) -> MixConfig:
+    """`method` alone, with its usual setting (`SETTINGS`) and `changes`."""
+    return MixConfig(**{**SETTINGS[method], **changes})
+
+
 # ----------------------------------------------------------------- masks per method
 # Each takes (key, lam, image, partner) for one example and returns (mask [H, W], other
 # [H, W, C]); `other` is the image the mask's zeros take their pixels from.

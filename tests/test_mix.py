@@ -19,12 +19,6 @@ PATCH = 4
 COLLECTIVE = re.compile(r"all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter")
 
 
-def only(method: str, **changes) -> mix.MixConfig:
-    """A config with `method` alone switched on."""
-    on = {"resizemix": True} if method == "resizemix" else {f"{method}_alpha": 1.0}
-    return mix.MixConfig(**on, **changes)
-
-
 def batch(size=8, side=16, seed=0):
     rs = np.random.RandomState(seed)
     images = rs.uniform(-1, 1, (size, side, side, 3)).astype(np.float32)
@@ -41,8 +35,9 @@ def jitted_mix(cfg):
 def every_method(modes=("elem",)):
     """One program mixing a batch with each mask method alone, in each of `modes`."""
     def run(images, labels, key):
-        return {(m, mode): mix.mix(images, labels, key, only(m, mode=mode, label_smoothing=0.1),
-                                   PATCH) for m in MASK_METHODS for mode in modes}
+        return {(m, mode): mix.mix(images, labels, key,
+                                   mix.alone(m, mode=mode, label_smoothing=0.1), PATCH)
+                for m in MASK_METHODS for mode in modes}
     return jax.jit(run)
 
 
@@ -116,7 +111,7 @@ def test_lambda_one_leaves_the_image_unchanged():
 
     @jax.jit
     def masks(key):
-        return {m: mix.method_mask(m, only(m), PATCH, key, 1.0, images[0], images[1])
+        return {m: mix.method_mask(m, mix.alone(m), PATCH, key, 1.0, images[0], images[1])
                 for m in mix.METHODS}
 
     for method, (mask, other) in masks(jax.random.PRNGKey(0)).items():
@@ -255,3 +250,15 @@ def test_config_mix_section_is_validated_and_pp_mixup_points_to_it():
         train_config.validate(train_config.with_defaults(old))
     assert "unknown key" not in str(error.value)
     assert mix.make_mixer(mix.MixConfig.from_config(train_config.base_config().mix)) is None
+
+
+@pytest.mark.slow
+def test_benchmark_reports_each_methods_cost_against_the_training_step(capsys):
+    from mixer_jax.benchmark import __main__ as cli
+    results = cli.main(["--variant=Mixer-Ti_4", "--image_size=16", "--batch=4",
+                        "--mode=train,mix", "--steps=1", "--ceiling=false"])
+    assert [r["method"] for r in results["mix"]] == list(mix.METHODS)
+    assert all(r["step_s"] > 0 and r["batch"] == 4 for r in results["mix"])
+    table = capsys.readouterr().out
+    assert "of train step" in table
+    assert re.search(r"saliencymix\s+Mixer-Ti_4\s+4\s+batch\s+[\d.]+\s+[\d.]+%", table)
