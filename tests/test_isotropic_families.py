@@ -94,11 +94,16 @@ def perturbed(model, seed=0, scale=0.1):
     return model
 
 
-def assert_parity(name, blocks, size, num_classes=7, scan=False):
-    """timm -> from_timm -> our logits == timm's; to_timm -> a fresh timm model == timm's."""
+def assert_parity(name, blocks, size, num_classes=7, scan=False, shrink=()):
+    """timm -> from_timm -> our logits == timm's; to_timm -> a fresh timm model == timm's.
+
+    The timm tensors named in `shrink` are scaled by 1e-3 after the perturbation."""
     import torch
     family = models.get_family(name)
     source = perturbed(timm_model(name, num_blocks=blocks, img_size=size, num_classes=num_classes))
+    with torch.no_grad():
+        for key in shrink:
+            source.state_dict()[key].mul_(1e-3)
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = source(images).numpy()
@@ -126,6 +131,15 @@ def test_logits_match_timm_both_ways(name):
     """The name's architecture with 2 blocks, on images of 2x2 patches (timm: img_size)."""
     pytest.importorskip("timm")
     assert_parity(name, blocks=2, size=2 * models.get_family(name).variants[name]["patch_size"])
+
+
+def test_layer_norm_epsilons_match_timm():
+    """gMLP's norms see variances near their epsilons (block and final 1e-6, the gating
+    unit's 1e-5): with a tiny stem and fc1, a gating epsilon of 1e-6 misses by 4x."""
+    pytest.importorskip("timm")
+    assert_parity("gmlp_ti16_224", blocks=1, size=32, shrink=(
+        "stem.proj.weight", "stem.proj.bias", "blocks.0.mlp_channels.fc1.weight",
+        "blocks.0.mlp_channels.fc1.bias"))
 
 
 @pytest.mark.slow
@@ -338,21 +352,24 @@ def test_init_follows_timm():
     np.testing.assert_array_equal(p["proj/bias"], np.ones(256))
 
 
+# Only compiled, never run. XLA also counts norms, adds and exact GELU's erf (64 FLOPs an
+# element, again in each fusion that reads it: +13% for gMLP at width 512), so each shape
+# lets the matmuls of one kind dominate: channel MLPs (wide, 64 tokens), then the token
+# linear / gating projection (4096 tokens of width 32).
+@pytest.mark.parametrize("size, patch, width", [(32, 4, 2048), (128, 2, 32)])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_analytic_flops_match_xla(name):
-    # Wide enough that matmuls dominate (only compiled, never run): XLA also counts norms,
-    # adds and exact GELU's erf (64 FLOPs an element, counted again in each fusion that
-    # reads it: gMLP at width 512 is +13%, at 2048 +3%).
-    model = models.create_model(name, **tiny_fields(hidden_dim=2048, mlp_dim=8192, num_classes=10))
-    params = models.param_shapes(model, (32, 32, 3))
-    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+def test_analytic_flops_match_xla(name, size, patch, width):
+    model = models.create_model(name, **tiny_fields(patch_size=patch, hidden_dim=width,
+                                                    mlp_dim=4 * width, num_classes=10))
+    params = models.param_shapes(model, (size, size, 3))
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     compiled = jax.jit(model.apply).lower({"params": params}, x).compile()
-    analytic = models.get_family(name).flops(model, (32, 32))
-    assert analytic["stem"] == 2 * 64 * 4 * 4 * 3 * 2048
+    analytic = models.get_family(name).flops(model, (size, size))
+    assert analytic["stem"] == 2 * (size // patch) ** 2 * patch**2 * 3 * width
     ratio = flops_lib.xla_flops(compiled) / sum(analytic.values())
     assert 1.0 <= ratio < 1.05, ratio
     with pytest.raises(ValueError, match="not divisible"):
-        models.get_family(name).flops(model, (30, 32))
+        models.get_family(name).flops(model, (size - 1, size))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
