@@ -176,7 +176,8 @@ def test_state_dict_round_trip_is_bitwise_and_errors_name_the_key():
         family.from_timm({**state, "blocks.0.ls1": np.ones(3)})
     with pytest.raises(ValueError, match=r"Missing key 'blocks\.1\.mlp_channels\.fc2\.bias'"):
         family.from_timm({k: v for k, v in state.items() if k != "blocks.1.mlp_channels.fc2.bias"})
-    with pytest.raises(ValueError, match=r"Unknown key 'blocks\.0\.[a-z_.]+' in a timm state dict for ResMLP"):
+    with pytest.raises(ValueError,
+                       match=r"Unknown key 'blocks\.0\.[a-z_.]+' in a timm state dict for ResMLP"):
         models.get_family("resmlp").from_timm(state)
     with pytest.raises(ValueError, match="Not a ResMLP parameter tree"):
         models.get_family("resmlp").architecture(ours)

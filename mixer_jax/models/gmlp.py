@@ -25,8 +25,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mixer_jax.models import registry
-from mixer_jax.models.layers import (TIMM_NORM, Mlp, TimmKeyMap, TokenLinear, isotropic_forward,
-                                     layer_norm, patch_grid, residual, timm_pairs)
+from mixer_jax.models.layers import (TIMM_NORM, Mlp, TimmKeyMap, TokenLinear,
+                                     isotropic_architecture, isotropic_forward, layer_norm,
+                                     patch_grid, residual, timm_pairs)
 
 Dtype = Any
 
@@ -112,14 +113,7 @@ class GMLP(nn.Module):
 
 def architecture(flat) -> dict:
     """The `GMLP` architecture fields of flat per-block parameters, from their shapes."""
-    first = f"{BLOCK_PREFIX}0/"
-    if first + "mlp_channels/gate/proj/kernel" not in flat or "stem/kernel" not in flat:
-        raise ValueError(f"Not a gMLP parameter tree: no {first}mlp_channels/gate/proj/kernel "
-                         "(expected the per-block layout SpatialGatingBlock_<i>/...).")
-    blocks = {k.split("/")[0] for k in flat if k.startswith(BLOCK_PREFIX)}
-    stem = flat["stem/kernel"].shape
-    return dict(patch_size=stem[0], num_blocks=len(blocks), hidden_dim=stem[-1],
-                mlp_dim=flat[first + "mlp_channels/fc1/kernel"].shape[1])
+    return isotropic_architecture(flat, "gMLP", BLOCK_PREFIX, "mlp_channels/gate/proj")
 
 
 KEYS = TimmKeyMap(

@@ -288,6 +288,22 @@ class TimmKeyMap:
                              f"({len(missing)} missing): truncated or another architecture.")
 
 
+def isotropic_architecture(flat: Mapping[str, Any], family: str, prefix: str,
+                           token_mixer: str) -> dict[str, int]:
+    """patch_size, num_blocks, hidden_dim and mlp_dim (fc1's width) of flat per-block params.
+
+    ValueError unless block 0 has `token_mixer` (its kernel), i.e. the tree is `family`'s.
+    """
+    marker = f"{prefix}0/{token_mixer}/kernel"
+    if marker not in flat or "stem/kernel" not in flat:
+        raise ValueError(f"Not a {family} parameter tree: no {marker} (expected the per-block "
+                         f"layout {prefix}<i>/...).")
+    stem = flat["stem/kernel"].shape
+    return dict(patch_size=stem[0], hidden_dim=stem[-1],
+                num_blocks=len({k.split("/")[0] for k in flat if k.startswith(prefix)}),
+                mlp_dim=flat[f"{prefix}0/mlp_channels/fc1/kernel"].shape[1])
+
+
 def isotropic_forward(model: nn.Module, images, block_cls, block: dict[str, Any],
                       norm: nn.Module, *, train: bool, return_intermediates: bool,
                       prefix: str, scanned: str):

@@ -24,8 +24,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mixer_jax.models import registry
-from mixer_jax.models.layers import (Mlp, TimmKeyMap, TokenLinear, isotropic_forward,
-                                     patch_grid, residual, timm_pairs)
+from mixer_jax.models.layers import (Mlp, TimmKeyMap, TokenLinear, isotropic_architecture,
+                                     isotropic_forward, patch_grid, residual, timm_pairs)
 
 Dtype = Any
 
@@ -121,14 +121,7 @@ def architecture(flat) -> dict:
 
     `layer_scale_init` is an initial value, not readable from trained weights: left out.
     """
-    first = f"{BLOCK_PREFIX}0/"
-    if first + "linear_tokens/kernel" not in flat or "stem/kernel" not in flat:
-        raise ValueError(f"Not a ResMLP parameter tree: no {first}linear_tokens/kernel "
-                         "(expected the per-block layout ResBlock_<i>/...).")
-    blocks = {k.split("/")[0] for k in flat if k.startswith(BLOCK_PREFIX)}
-    stem = flat["stem/kernel"].shape
-    return dict(patch_size=stem[0], num_blocks=len(blocks), hidden_dim=stem[-1],
-                mlp_dim=flat[first + "mlp_channels/fc1/kernel"].shape[1])
+    return isotropic_architecture(flat, "ResMLP", BLOCK_PREFIX, "linear_tokens")
 
 
 _AFFINE = dict(names=("alpha", "beta"), timm=("alpha", "beta"), layouts=("row", "row"))
