@@ -19,7 +19,8 @@ kept apart so weights round-trip bitwise; zero initial state) written with `lax.
 How it runs (measured in docs/families.md, "Sequencer2D"): the input projections of all
 time steps, both directions, rows and columns, are one matmul hoisted out of the
 recurrence; the recurrence then runs every direction in one scan (rows and columns
-together when the map is square, else one scan each).
+together when the map is square, else one scan each), their recurrent matmuls as one
+block-diagonal matmul per step.
 
 Regularisation (both identity at eval):
 - `dropout`: timm's `proj_drop_rate`, after the GELU and after the second Linear of every
@@ -52,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixer_jax.models import registry
-from mixer_jax.models.layers import dense, drop_path, layer_norm
+from mixer_jax.models.layers import Mlp, dense, layer_norm, residual
 
 Dtype = Any
 
@@ -182,40 +183,17 @@ class Sequencer2dBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def _residual(self, x, y, drop_rate, train):
-        if train and drop_rate > 0:
-            y = drop_path(y, drop_rate, self.make_rng("dropout"))
-        return x + y
-
     @nn.compact
     def __call__(self, x, drop_rate: float = 0.0, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         channels = x.shape[-1]
         y = layer_norm(name="norm1", **kw)(x)
         y = LSTM2d(self.hidden_size, self.unroll, name="rnn_tokens", **kw)(y)
-        x = self._residual(x, y, drop_rate, train)
+        x = residual(self, x, y, drop_rate, train)
         y = layer_norm(name="norm2", **kw)(x)
-        y = Mlp(int(self.mlp_ratio * channels), self.dropout, name="mlp_channels", **kw)(
-            y, train=train)
-        return self._residual(x, y, drop_rate, train)
-
-
-class Mlp(nn.Module):
-    """timm's `Mlp`: fc1 -> exact GELU -> dropout -> fc2 -> dropout."""
-
-    hidden: int
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, *, train: bool):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                  kernel_init=nn.initializers.xavier_uniform())
-        y = nn.gelu(dense(self.hidden, ("embed", "mlp"), name="fc1", **kw)(x), approximate=False)
-        y = nn.Dropout(self.dropout, deterministic=not train)(y)
-        y = dense(x.shape[-1], ("mlp", "embed"), name="fc2", **kw)(y)
-        return nn.Dropout(self.dropout, deterministic=not train)(y)
+        y = Mlp(int(self.mlp_ratio * channels), dropout=self.dropout, name="mlp_channels",
+                **kw)(y, train=train)
+        return residual(self, x, y, drop_rate, train)
 
 
 class Sequencer2dStage(nn.Module):
