@@ -148,7 +148,7 @@ def test_conversion_names_bad_keys():
         FAMILY.architecture({"MixerBlock_0/LayerNorm_0/scale": np.zeros(3)})
 
 
-@pytest.mark.parametrize("size", [224, 256])
+@pytest.mark.parametrize("size", [224, pytest.param(256, marks=pytest.mark.slow)])
 def test_intermediates_shapes_equal_timm(size):
     """'stem' and the stage outputs (NHWC) at 224 and 256 against timm's stem and
     forward_intermediates on the meta device (256 is no multiple of the stem's 7: both
