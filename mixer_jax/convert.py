@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 from absl import app, flags, logging
 
-from mixer_jax import checkpoint, metric_writers, models, train_checkpoint
+from mixer_jax import checkpoint, cli, models, train_checkpoint
 
 COMMANDS = ("npz-to-orbax", "orbax-to-npz")
 
@@ -55,7 +55,6 @@ def main(argv) -> None:
                              "--out=... (--npz=... | --checkpoint=... [--step=N])")
     if not FLAGS.out:
         raise app.UsageError("--out is required.")
-    metric_writers.quiet_library_logs()
     if argv[1] == "npz-to-orbax":
         if not FLAGS.npz:
             raise app.UsageError("npz-to-orbax needs --npz.")
@@ -67,4 +66,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, flag_values=FLAGS)

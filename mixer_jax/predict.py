@@ -32,12 +32,8 @@ from flax.traverse_util import flatten_dict
 from PIL import Image, ImageOps
 
 from mixer_jax import checkpoint as ckpt
-from mixer_jax import host_memory, input_pipeline, labels, models, steps
+from mixer_jax import cli, host_memory, input_pipeline, labels, models, steps, train_config
 from mixer_jax.errors import UserError
-
-# The paper's evaluation: resize the shorter side to 256, centre crop 224.
-EVAL_RESIZE_RATIO = 256 / 224
-
 
 class PredictError(UserError, ValueError):
     """A bad checkpoint path, image file or model choice, explained."""
@@ -134,7 +130,7 @@ def load_image(path: str) -> np.ndarray:
 
 def prepare_image(path: str, image_size: int, resize: int | None) -> np.ndarray:
     """File -> float32 [image_size, image_size, 3] in [-1, 1], as the checkpoints expect."""
-    resize = round(image_size * EVAL_RESIZE_RATIO) if resize is None else resize
+    resize = train_config.eval_resize(image_size) if resize is None else resize
     image = input_pipeline.preprocess_for_eval(load_image(path), image_size, resize=resize)
     return np.asarray(image, np.float32)
 
@@ -238,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if {"-h", "--help", "--helpfull"} & set(argv[1:]):
         print(__doc__ + "\nFlags:\n" + fv.get_help())
         return 0
-    files = fv(argv)[1:]
+    files = cli.parse_flags(argv, fv)[1:]
     if not files:
         raise PredictError("No image files given.")
     loaded = load_model(fv.checkpoint, variant=fv.variant, image_size=fv.image_size,
@@ -257,7 +253,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     host_memory.retain_freed_memory()
-    try:
-        sys.exit(main())
-    except (ValueError, flags.Error) as e:  # PredictError, CheckpointError, bad flags
-        sys.exit(f"error: {e}")
+    cli.run(lambda argv: main(argv[1:]))
