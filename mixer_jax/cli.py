@@ -129,7 +129,7 @@ class _OursOrWarnings(py_logging.Filter):
         return record.levelno >= py_logging.WARNING
 
 
-_FILTER = _OursOrWarnings()
+OURS_OR_WARNINGS = _OursOrWarnings()
 
 
 class _ShortFormatter(py_logging.Formatter):
@@ -152,8 +152,8 @@ def quiet_library_logs(verbose: bool = False) -> None:
     keeps absl's format and everything."""
     handler = logging.get_absl_handler()
     if verbose:
-        handler.removeFilter(_FILTER)
+        handler.removeFilter(OURS_OR_WARNINGS)
         handler.setFormatter(logging.PythonFormatter())
     else:
-        handler.addFilter(_FILTER)
+        handler.addFilter(OURS_OR_WARNINGS)
         handler.setFormatter(_ShortFormatter())

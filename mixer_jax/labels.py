@@ -1,5 +1,8 @@
 """Class names for predictions: ImageNet-1k, tfds datasets, image folders, text files.
 
+`checkpoint_names(checkpoint, num_classes)`: the names a training run stored with its
+checkpoints (folder names, tfds label names), else those `label_names(None, ...)` gives.
+
 `label_names(source, num_classes)` resolves a `source`:
   None                       by class count: 1000 -> ImageNet-1k names; else none;
   "imagenet2012"/"imagenet1k" human-readable ImageNet-1k names (shipped inside
@@ -61,7 +64,7 @@ def tfds_names(name: str, data_dir: str | None = None) -> list[str] | None:
     """
     import tensorflow_datasets as tfds
 
-    import mixer_jax.input_pipeline  # noqa: F401  (registers the embedded digits dataset)
+    from mixer_jax import sklearn_digits  # registers the embedded digits dataset
     try:
         features = tfds.builder(name, data_dir=data_dir).info.features
     except Exception as e:  # tfds raises many types for unknown names
@@ -70,7 +73,26 @@ def tfds_names(name: str, data_dir: str | None = None) -> list[str] | None:
     if label is None or not hasattr(label, "names"):
         raise ValueError(f"tfds dataset {name!r} has no 'label' class feature.")
     names = list(label.names)
+    if name == sklearn_digits.NAME:  # digits are their own names
+        return names
     return None if names == [str(i) for i in range(len(names))] else names
+
+
+def checkpoint_names(checkpoint: str, num_classes: int | None) -> list[str] | None:
+    """The class names stored with a training run's checkpoint (`checkpoint`: its workdir,
+    checkpoints, step or `params` directory), else `label_names(None, num_classes)`."""
+    if os.path.isdir(checkpoint):
+        from mixer_jax import train_checkpoint  # orbax: only for checkpoint directories
+
+        path = os.path.dirname(checkpoint.rstrip(os.sep)) if (
+            os.path.basename(checkpoint.rstrip(os.sep)) == "params") else checkpoint
+        try:
+            names = train_checkpoint.read_meta(path).get("class_names")
+        except (FileNotFoundError, ValueError):
+            names = None
+        if names and len(names) == num_classes:
+            return names
+    return label_names(None, num_classes)
 
 
 def label_names(source: str | None, num_classes: int | None, *,

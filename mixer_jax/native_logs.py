@@ -59,6 +59,7 @@ class _QuietLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
+        uninstall()
         with native_stderr_hidden():
             self._loader.exec_module(module)
             try:  # TF only feeds data: it must never take accelerator memory from JAX
@@ -71,11 +72,16 @@ class _QuietLoader(importlib.abc.Loader):
 
 
 class _QuietTensorflowFinder(importlib.abc.MetaPathFinder):
+    # Called for availability checks too (`importlib.util.find_spec`), which import
+    # nothing: the finder stays until the module is executed.
     def find_spec(self, name, path=None, target=None):
         if name != "tensorflow":
             return None
         uninstall()
-        spec = importlib.util.find_spec(name)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            install()
         if spec is not None and spec.loader is not None:
             spec.loader = _QuietLoader(spec.loader)
         return spec

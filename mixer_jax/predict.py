@@ -209,8 +209,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("variant", None, "Expected variant, e.g. Mixer-B_16 (checked "
                         "against the file; read from it when omitted).", flag_values=fv)
     flags.DEFINE_string("labels", None, "Class names: imagenet2012, a tfds dataset name, an "
-                        "image folder, or a text file (default: ImageNet-1k names for a "
-                        "1000-class head).", flag_values=fv)
+                        "image folder, or a text file (default: the names a training run "
+                        "stored with its checkpoints, else ImageNet-1k names for a 1000-class "
+                        "head).", flag_values=fv)
     flags.DEFINE_string("tfds_data_dir", None, "tfds data dir for --labels.", flag_values=fv)
     flags.DEFINE_integer("top_k", 5, "Classes shown per image.", flag_values=fv)
     flags.DEFINE_integer("batch", 32, "Images per model call.", flag_values=fv)
@@ -239,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         raise PredictError("No image files given.")
     loaded = load_model(fv.checkpoint, variant=fv.variant, image_size=fv.image_size,
                         dtype=jnp.dtype(fv.dtype))
-    names = labels.label_names(fv.labels, loaded.model.num_classes, data_dir=fv.tfds_data_dir)
+    names = (labels.label_names(fv.labels, loaded.model.num_classes, data_dir=fv.tfds_data_dir)
+             if fv.labels else labels.checkpoint_names(fv.checkpoint, loaded.model.num_classes))
     if names is None:
         print(f"(no class names known for {fv.labels or 'this checkpoint'}'s "
               f"{loaded.model.num_classes} classes; --labels=<names.txt> gives them)",

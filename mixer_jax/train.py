@@ -105,7 +105,7 @@ def _load_pretrained(path, pretrained, strategy, state, config):
         pretrained = _read_pretrained(path)
     params = checkpoint.load_pretrained(
         pretrained, _host_params(strategy, state), reset_head=config.reset_head,
-        token_mixing=config.token_mixing, image_size=config.pp.crop)
+        token_mixing=config.token_mixing, image_size=config.pp.crop, source_name=path)
     logging.info("Fine-tuning from %s.", path)
     return strategy.with_params(state, params)
 
@@ -213,6 +213,7 @@ def prepare(config: ml_collections.ConfigDict, ckpt: train_checkpoint.TrainCheck
                           process_count=jax.process_count())
     info = input_pipeline.get_dataset_info(config)
     train_config.check_before_training(config, info)
+    ckpt.class_names = info.label_names  # stored with the checkpoints, for predict
     path = pretrained_path(config)
     overrides, pretrained = _model_overrides(config, ckpt, path)
     model = create_model(config, info.num_classes, **overrides)
