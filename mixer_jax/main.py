@@ -14,6 +14,8 @@ the full config is written to `<workdir>/config.json` (and printed with --verbos
 """
 from __future__ import annotations
 
+import os
+
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -48,8 +50,10 @@ def main(argv: list[str]) -> None:
 
     if FLAGS.verbose:
         logging.info("Config:\n%s", FLAGS.config)
-    final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    logging.info("%s", summary(final, FLAGS.workdir))
+    # orbax needs absolute local paths ("wd" would fail at the first checkpoint)
+    workdir = FLAGS.workdir if "://" in FLAGS.workdir else os.path.abspath(FLAGS.workdir)
+    final = train.train_and_evaluate(FLAGS.config, workdir)
+    logging.info("%s", summary(final, workdir))
 
 
 def summary(final: dict, workdir: str) -> str:

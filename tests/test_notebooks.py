@@ -107,6 +107,7 @@ def test_committed_notebook_has_no_outputs(path):
     assert "widgets" not in notebook.metadata
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, kernel_dirs, kernel_env):
     notebook = nbformat.read(path, as_version=4)
