@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging as py_logging
 import os
+import re
 import sys
 import traceback
 from typing import Callable, NoReturn, Sequence
@@ -69,14 +70,14 @@ class FlagError(UserError, ValueError):
 
 
 def _override_message(error: BaseException) -> str:
-    """ml_collections' "'total_step'\\nDid you mean ..." as one readable sentence."""
-    text = str(error.args[0]) if error.args else str(error)
-    key, _, hint = text.strip("'\"").partition("\\n")
-    if not hint:
-        key, _, hint = text.strip("'\"").partition("\n")
-    key = key.strip("'\"")
-    message = f"Unknown config key --config.{key}"
-    return f"{message}. {hint.strip()}" if hint else f"{message}."
+    """ml_collections' error for an unknown key (its text nested in reprs:
+    `\'total_step\'\\nDid you mean ...`) as one readable sentence."""
+    text = str(error.args[0] if error.args else error)
+    text = text.replace("\\n", "\n").replace("\\'", "'")
+    key = re.search(r"[A-Za-z_][\w.]*", text)
+    hint = re.search(r"Did you mean[^\n]*\?", text)
+    message = f"Unknown config key --config.{key.group(0) if key else text}"
+    return f"{message}. {hint.group(0)}" if hint else f"{message}."
 
 
 def one_line(error: BaseException) -> str:

@@ -8,6 +8,7 @@ from `metrics.jsonl`; TensorBoard shows the latest value per step anyway.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import sys
@@ -130,10 +131,8 @@ class Progress:
         bar = in_notebook() if bar is None else bar
         self._bar = None
         if bar and jax.process_index() == 0:
-            from tqdm import auto
-
-            self._bar = auto.tqdm(total=total_steps, initial=start_step, unit="step",
-                                  dynamic_ncols=True)
+            self._bar = _tqdm()(total=total_steps, initial=start_step, unit="step",
+                                dynamic_ncols=True)
 
     def phase(self, what: str):
         """`phase(what)` logged with this object's log and clock."""
@@ -194,6 +193,15 @@ def phase(what: str, log: Callable[[str], None] | None = None, clock=time.monoto
     start = clock()
     yield
     log(f"{what}: {clock() - start:.1f} s")
+
+
+def _tqdm():
+    """tqdm's widget bar where ipywidgets is installed (Colab), else its text bar."""
+    if importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.notebook import tqdm
+    else:
+        from tqdm import tqdm
+    return tqdm
 
 
 def in_notebook() -> bool:
