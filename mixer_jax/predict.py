@@ -11,7 +11,10 @@ RGB and preprocessed as the published checkpoints were evaluated: shorter side
 resized to crop * 256/224, centre crop, values in [-1, 1]
 (`input_pipeline.preprocess_for_eval`). Files are read in parallel and run in
 batches of `--batch`. An unreadable file is reported and skipped; the exit
-status is then 1.
+status is then 1. Class names: `--labels`, else those a training run stored with
+its checkpoints (folder names, tfds label names), else ImageNet-1k's for a
+1000-class head. A bad checkpoint or flag prints one line and exits with status 2
+(`mixer_jax.cli`).
 """
 from __future__ import annotations
 
