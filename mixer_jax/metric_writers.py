@@ -127,6 +127,7 @@ class Progress:
         self._last_step = start_step
         self._last_time = clock()
         self._early_every = early_every
+        self._figures = None  # of the last line
         self._reported = False
         bar = in_notebook() if bar is None else bar
         self._bar = None
@@ -141,6 +142,7 @@ class Progress:
     def restart(self, step: int) -> None:
         """Measures from now on, `step` being done."""
         self._last_step, self._last_time = step, self._clock()
+        self._figures = None
 
     @property
     def wants_step_lines(self) -> bool:
@@ -172,12 +174,16 @@ class Progress:
 
     def _line(self, step: int, metrics: Mapping[str, float]) -> tuple[str, dict]:
         now = self._clock()
-        elapsed = max(now - self._last_time, 1e-9)
-        steps_per_sec = (step - self._last_step) / elapsed
-        self._last_step, self._last_time = step, now
+        if step == self._last_step and self._figures:  # a step line just measured it
+            figures = self._figures
+        else:
+            steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
+            self._last_step, self._last_time = step, now
+            figures = {"img_per_sec": steps_per_sec * self.global_batch,
+                       "steps_per_sec": steps_per_sec}
+        self._figures = figures
+        steps_per_sec = figures["steps_per_sec"]
         eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else math.inf
-        figures = {"img_per_sec": steps_per_sec * self.global_batch,
-                   "steps_per_sec": steps_per_sec}
         width = len(str(self.total_steps))
         parts = [f"step {step:>{width}}/{self.total_steps}"]
         parts += [f"{k} {v:.4g}" for k, v in metrics.items()]

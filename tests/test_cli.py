@@ -200,6 +200,18 @@ def test_progress_shows_phases_and_slow_steps_until_the_first_report():
     assert len(lines) == 6
 
 
+def test_a_report_right_after_a_step_line_keeps_its_throughput():
+    lines, now = [], [0.0]
+    progress = metric_writers.Progress(total_steps=100, global_batch=8, log=lines.append,
+                                       clock=lambda: now[0], bar=False)
+    progress.restart(1)
+    now[0] += 3.0
+    progress.step(2)  # a slow step: its line measures it
+    assert progress.report(2, {"loss": 1.0}) == {"img_per_sec": 8 / 3, "steps_per_sec": 1 / 3}
+    assert lines == ["step   2/100 | 2.7 img/s | ETA 4m54s",
+                     "step   2/100 | loss 1 | 2.7 img/s | ETA 4m54s"]  # not 0 img/s
+
+
 def test_progress_bar_counts_steps_and_shows_the_report():
     lines, now = [], [0.0]
     progress = metric_writers.Progress(total_steps=10, global_batch=8, log=lines.append,
