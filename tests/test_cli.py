@@ -338,3 +338,13 @@ def test_predict_shows_the_class_names_of_a_folder_run(tmp_path, caplog, capsys)
     assert {line.split()[1] for line in out.out.splitlines()[1:]} == {"cat", "dog", "fox"}
     assert labels.checkpoint_names(str(workdir), 3) == ["cat", "dog", "fox"]
     assert labels.checkpoint_names(str(workdir), 5) is None  # another head: not its names
+
+
+def test_label_source_errors_are_user_errors(tmp_path):
+    latin1 = tmp_path / "names.txt"
+    latin1.write_bytes("caf\xe9\nth\xe9\n".encode("latin-1"))
+    with pytest.raises(labels.LabelsError, match=r"names.txt' is not UTF-8 text") as error:
+        labels.label_names(str(latin1), 2)
+    assert isinstance(error.value, UserError)  # one line from predict, exit status 2
+    with pytest.raises(UserError, match="21843 lines"):
+        labels.label_names("imagenet21k", 21843)
