@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import signal
 import threading
+import time
 
 import jax
 import ml_collections
@@ -127,7 +128,7 @@ def _load_pretrained(path, pretrained, strategy, state, config):
         pretrained = _read_pretrained(path)
     params = checkpoint.load_pretrained(
         pretrained, _host_params(strategy, state), reset_head=config.reset_head,
-        token_mixing=config.token_mixing, image_size=config.pp.crop)
+        token_mixing=config.token_mixing, image_size=config.pp.crop, source_name=path)
     logging.info("Fine-tuning from %s.", path)
     return strategy.with_params(state, params)
 
@@ -235,6 +236,8 @@ def prepare(config: ml_collections.ConfigDict, ckpt: train_checkpoint.TrainCheck
                           process_count=jax.process_count())
     ckpt.discard_corrupt_steps()  # a bad newest step is moved aside before anything reads it
     info = input_pipeline.get_dataset_info(config)
+    train_config.check_before_training(config, info)
+    ckpt.class_names = info.label_names  # stored with the checkpoints, for predict
     path = pretrained_path(config)
     overrides, pretrained = _model_overrides(config, ckpt, path)
     model = create_model(config, info.num_classes, **overrides)
@@ -274,8 +277,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stop = stack.enter_context(_StopSignals())
         ckpt = stack.enter_context(train_checkpoint.TrainCheckpointer(
             workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints))
-        run = prepare(config, ckpt)
-        writer = metric_writers.MetricWriter(workdir, resume_step=run.start_step)
+        with metric_writers.phase("Setting up data, model and parameters"):
+            run = prepare(config, ckpt)
+        writer = metric_writers.MetricWriter(workdir, resume_step=run.start_step,
+                                             config=run.config)
         stack.callback(writer.close)
         finished = run.start_step >= run.config.total_steps
         return _train_loop(run, ckpt, writer, stop,
@@ -333,16 +338,28 @@ def _train_loop(run: Run, ckpt, writer, stop: _StopSignals, log_final_eval: bool
     config, strategy, state, start_step = run.config, run.strategy, run.state, run.start_step
     total = config.total_steps
     progress = metric_writers.Progress(total, config.batch, start_step)
+    if start_step < total:
+        logging.info("Training %s steps %d-%d, global batch %d, on %d %s device(s).",
+                     config.model_name, start_step + 1, total, config.batch,
+                     jax.device_count(), jax.devices()[0].platform)
     final = {"step": start_step}
+    evaluated = False
     pending = []  # device metrics of the steps not yet checked (fetching syncs: done rarely)
     batches = strategy.prefetch(
         input_pipeline.train_dataset(config, start_step=start_step).as_numpy_iterator())
     for step in range(start_step + 1, total + 1):
-        state, metrics = strategy.train_step(state, next(batches))
-        pending.append(metrics)
         if step == start_step + 1:  # the first step compiles: time throughput after it
-            jax.block_until_ready(metrics)
+            with progress.phase("Reading the first batch"):
+                batch = next(batches)
+            with progress.phase("Compiling and running the first train step"):
+                state, metrics = jax.block_until_ready(strategy.train_step(state, batch))
             progress.restart(step)
+        else:
+            state, metrics = strategy.train_step(state, next(batches))
+            if progress.wants_step_lines:  # until the first report: a line per slow step
+                jax.block_until_ready(metrics)
+        progress.step(step)
+        pending.append(metrics)
         last = step == total
         stop_reason = stop.requested(step, ckpt)
         report = step % config.progress_every == 0 or last or stop_reason
@@ -363,19 +380,20 @@ def _train_loop(run: Run, ckpt, writer, stop: _StopSignals, log_final_eval: bool
         if save:
             ckpt.save(step, strategy.to_saveable(state), config)
         if do_eval:
-            scores = evaluate(strategy, state, config)
-            logging.info("Eval at step %d: top-1 %.4f, top-5 %.4f, loss %.4f (%d examples).",
-                         step, scores["eval_top1"], scores["eval_top5"], scores["eval_loss"],
-                         scores["eval_count"])
+            scores = _timed_evaluate(strategy, state, config, step, first=not evaluated)
+            evaluated = True
+            progress.restart(step)  # throughput excludes evaluations
             writer.write(step, scores)
             final.update(scores)
         final["step"] = step
         if stop_reason:
             ckpt.wait()  # the checkpoint of this step is on disk before we say so
+            progress.close()
             logging.warning("Stopped by %s after saving step %d in %s; rerun the same command "
                             "to resume (exit status %d: interrupted, resumable).", stop_reason,
                             step, ckpt.directory, INTERRUPTED_EXIT_STATUS)
             raise TrainingInterrupted(step, stop_reason)
+    progress.close()
     if start_step >= total:  # resumed a finished run: evaluate it (again)
         scores = evaluate(strategy, state, config)
         if log_final_eval:
@@ -383,6 +401,21 @@ def _train_loop(run: Run, ckpt, writer, stop: _StopSignals, log_final_eval: bool
         final.update(scores)
     ckpt.wait()
     return final
+
+
+def _timed_evaluate(strategy, state, config, step: int, *, first: bool) -> dict:
+    """`evaluate`, logged with its duration (the first one compiles: announced first).
+    Top-5 is logged only with more than 5 classes (else it is always 1)."""
+    start = time.monotonic()
+    if first:
+        logging.info("Evaluating at step %d (the first evaluation compiles) ...", step)
+    scores = evaluate(strategy, state, config)
+    top5 = (f", top-5 {scores['eval_top5']:.4f}"
+            if strategy.model.num_classes > 5 else "")
+    logging.info("Eval at step %d: top-1 %.4f%s, loss %.4f (%d examples, %.1f s).", step,
+                 scores["eval_top1"], top5, scores["eval_loss"], scores["eval_count"],
+                 time.monotonic() - start)
+    return scores
 
 
 def _log_config_changes(saved: dict | None, config) -> None:

@@ -3,7 +3,8 @@
 Layout, in `<workdir>/checkpoints/<step>/` (one directory per saved step):
   params/  the model parameters (the model's own layout, per-block or scanned);
   train/   {'step', 'opt_state', 'rng'}: the rest of the TrainState;
-  meta/    JSON: {'step', 'config'} (the config the run used).
+  meta/    JSON: {'step', 'config', 'class_names'} (the config the run used, and the
+           names of its classes when the dataset has them: `predict` shows them).
 The data position is the step: `input_pipeline.train_dataset(config, start_step=step)`
 yields exactly the batches an uninterrupted run sees from there on.
 
@@ -67,6 +68,7 @@ class TrainCheckpointer:
         self._async = async_save
         self._saving = None  # (step, bytes) of the save in flight, for error messages
         self._failed = False
+        self.class_names: list[str] | None = None  # stored with every step (set by train)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -91,6 +93,8 @@ class TrainCheckpointer:
         system is full; the steps saved before stay complete and restorable.
         """
         meta = {"step": int(step), "config": jsonable_config(config)}
+        if self.class_names is not None:
+            meta["class_names"] = list(self.class_names)
         with self._space_errors():
             self._manager.wait_until_finished()  # the previous save: its errors first
             self._saving = (int(step), _nbytes(state))
@@ -352,6 +356,14 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int
     if step not in steps:
         raise FileNotFoundError(f"No checkpoint of step {step} in {root}; it has {sorted(steps)}.")
     return root, step
+
+
+def read_meta(path: str, step: int | None = None) -> dict:
+    """The `meta` JSON of a checkpoint (workdir, checkpoints or step directory; latest step
+    unless `step`), or {} for one written without it (e.g. by `convert npz-to-orbax`)."""
+    root, step = find_checkpoint(path, step)
+    file = root / str(step) / "meta" / "metadata"
+    return json.loads(file.read_text()) if file.exists() else {}
 
 
 def stored_params_shapes(path: str, step: int | None = None) -> dict:
