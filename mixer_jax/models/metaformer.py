@@ -68,11 +68,10 @@ ATTENTION_HEAD_DIM = 32
 _INIT = nn.initializers.truncated_normal(0.02)  # timm's trunc_normal_(std=.02)
 
 
-def _conv(features, kernel, axes, *, stride=1, padding=0, groups=1, use_bias=True,
-          dtype, param_dtype, name):
+def _conv(features, kernel, axes, *, stride=1, padding=0, dtype, param_dtype, name):
     return nn.Conv(
         features, (kernel, kernel), strides=stride, padding=[(padding, padding)] * 2,
-        feature_group_count=groups, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+        dtype=dtype, param_dtype=param_dtype,
         name=name, kernel_init=nn.with_logical_partitioning(_INIT, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
 
@@ -100,7 +99,8 @@ def _pool_counts(size: int) -> np.ndarray:
 def pool_mixer(x: jax.Array) -> jax.Array:
     """PoolFormer's mixer: 3x3 average (stride 1, padding not counted) minus the input."""
     h, w = x.shape[1:3]
-    total = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add, (1, 3, 3, 1),
+    # A concrete (numpy) zero: JAX differentiates only reduce_windows it recognises as sums.
+    total = jax.lax.reduce_window(x, np.array(0, x.dtype), jax.lax.add, (1, 3, 3, 1),
                                   (1, 1, 1, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
     counts = np.outer(_pool_counts(h), _pool_counts(w))[None, :, :, None]
     return total / jnp.asarray(counts, x.dtype) - x
@@ -121,6 +121,29 @@ class StarReLU(nn.Module):
         return scale * jnp.square(nn.relu(x)) + bias
 
 
+def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Depthwise conv, stride 1, 'same' zero padding; kernel [k, k, 1, C] (odd k)."""
+    pad = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), [(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1])
+
+
+class DepthwiseConv(nn.Module):
+    """A bias-free depthwise conv whose kernel [k, k, 1, C] is one parameter, 'kernel'."""
+
+    kernel_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            _INIT, ("kernel", "kernel", None, "mlp")), (k, k, 1, x.shape[-1]), self.param_dtype)
+        return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
 class SepConv(nn.Module):
     """Inverted separable conv: pw (2x) -> StarReLU -> depthwise 7x7 -> pw, no biases."""
 
@@ -134,8 +157,7 @@ class SepConv(nn.Module):
         y = dense(2 * dim, ("embed", "mlp"), use_bias=False, kernel_init=_INIT,
                   name="pwconv1", **kw)(x)
         y = StarReLU(**kw, name="act1")(y)
-        y = _conv(2 * dim, 7, ("kernel", "kernel", None, "mlp"), padding=3, groups=2 * dim,
-                  use_bias=False, name="dwconv", **kw)(y)
+        y = DepthwiseConv(7, **kw, name="dwconv")(y)
         return dense(dim, ("mlp", "embed"), use_bias=False, kernel_init=_INIT,
                      name="pwconv2", **kw)(y)
 
@@ -425,10 +447,15 @@ def _architecture(line: str, flat) -> dict:
         mixers.append(default)
     first = {i: blocks[i][0] for i in blocks}
     kernel = flat["stem_conv/kernel"].shape[0]
+    depths = tuple(len(blocks[i]) for i in sorted(blocks))
+    dims = tuple(int(flat[f"stages_{i}_blocks_0/norm1/scale"].shape[0]) for i in sorted(blocks))
+    # A published size's own init values (PoolFormer v1's layer scale) where the shapes match.
+    base = next((v for n, v in VARIANTS.items() if n.rsplit("_", 1)[0] == line
+                 and (v["depths"], v["dims"]) == (depths, dims)), base)
     return dict(
         base,
-        depths=tuple(len(blocks[i]) for i in sorted(blocks)),
-        dims=tuple(int(flat[f"stages_{i}_blocks_0/norm1/scale"].shape[0]) for i in sorted(blocks)),
+        depths=depths,
+        dims=dims,
         token_mixers=tuple(mixers),
         norm_bias="norm1/bias" in first[0],
         downsample_norm="stem_norm/scale" in flat,
