@@ -122,11 +122,19 @@ class StarReLU(nn.Module):
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Depthwise conv, stride 1, 'same' zero padding; kernel [k, k, 1, C] (odd k)."""
-    pad = kernel.shape[0] // 2
-    return jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), [(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=x.shape[-1])
+    """Depthwise conv, stride 1, 'same' zero padding; kernel [k, k, 1, C] (odd k).
+
+    On CPU a sum of k*k shifted, channel-scaled copies (one fused loop; XLA:CPU's grouped
+    convolution is about 2x slower here, see docs/families.md); elsewhere the grouped conv.
+    """
+    k, pad = kernel.shape[0], kernel.shape[0] // 2
+    if jax.default_backend() != "cpu":
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), [(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=x.shape[-1])
+    h, w = x.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    return sum(padded[:, i:i + h, j:j + w] * kernel[i, j, 0] for i in range(k) for j in range(k))
 
 
 class DepthwiseConv(nn.Module):
