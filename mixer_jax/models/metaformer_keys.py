@@ -60,12 +60,12 @@ _FIELDS = {"i": r"\d+", "j": r"\d+", "k": r"\d+", "p": "scale|bias",
 _CONVS = ("stem_conv/", "_downsample_conv/", "/dwconv/")  # our kernels that stay 4-D
 
 
-def _pattern(template: str) -> tuple[re.Pattern, str]:
+def _pattern(template: str, whole: bool = True) -> tuple[re.Pattern, str]:
     template = template.replace("{B}", _BLOCK[0]).replace("{T}", _BLOCK[1])
     parts = re.split(r"\{(\w)\}", template)  # literal, field, literal, field, ...
     regex = "".join(re.escape(p) if n % 2 == 0 else f"(?P<{p}>{_FIELDS[p]})"
                     for n, p in enumerate(parts))
-    return re.compile(regex + "$"), template
+    return re.compile(regex + ("$" if whole else "")), template
 
 
 _COMPILED = [(_pattern(ours), _pattern(theirs)) for ours, theirs in _RULES]
@@ -132,38 +132,31 @@ def timm_to_flat(state_dict: Mapping[str, np.ndarray]) -> dict:
     return out
 
 
-# Official name <-> timm name (whole-key regex substitutions, applied in order).
-_OFFICIAL_TO_TIMM = [
-    (r"^downsample_layers\.0\.conv\.", "stem.conv."),
-    (r"^downsample_layers\.0\.post_norm\.", "stem.norm."),
-    (r"^downsample_layers\.(\d+)\.pre_norm\.", r"stages.\1.downsample.norm."),
-    (r"^downsample_layers\.(\d+)\.conv\.", r"stages.\1.downsample.conv."),
-    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
-    (r"^head\.", "head.fc."),
-    (r"^norm\.", "head.norm."),
+# Official key prefix <-> timm key prefix (the first match renames; the rest is kept).
+_OFFICIAL = [
+    ("downsample_layers.0.conv.", "stem.conv."),
+    ("downsample_layers.0.post_norm.", "stem.norm."),
+    ("downsample_layers.{i}.pre_norm.", "stages.{i}.downsample.norm."),
+    ("downsample_layers.{i}.conv.", "stages.{i}.downsample.conv."),
+    ("stages.{i}.{j}.", "stages.{i}.blocks.{j}."),
+    ("norm.", "head.norm."),
+    ("head.", "head.fc."),
 ]
-_TIMM_TO_OFFICIAL = [
-    (r"^stem\.conv\.", "downsample_layers.0.conv."),
-    (r"^stem\.norm\.", "downsample_layers.0.post_norm."),
-    (r"^stages\.(\d+)\.downsample\.norm\.", r"downsample_layers.\1.pre_norm."),
-    (r"^stages\.(\d+)\.downsample\.conv\.", r"downsample_layers.\1.conv."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),
-    (r"^head\.norm\.", "norm."),
-    (r"^head\.fc\.", "head."),
-]
+_OFFICIAL_COMPILED = [(_pattern(a, whole=False), _pattern(b, whole=False)) for a, b in _OFFICIAL]
 
 
-def _rename(key: str, rules) -> str:
-    for pattern, replacement in rules:
-        key, n = re.subn(pattern, replacement, key)
-        if n:
-            return key
+def _rename(key: str, to_timm: bool) -> str:
+    for official, timm in _OFFICIAL_COMPILED:
+        (src, _), (_, dst) = (official, timm) if to_timm else (timm, official)
+        match = src.match(key)
+        if match:
+            return dst.format(**match.groupdict()) + key[match.end():]
     return key
 
 
 def official_to_timm_names(state_dict: Mapping[str, np.ndarray]) -> dict:
-    return {_rename(k, _OFFICIAL_TO_TIMM): v for k, v in state_dict.items()}
+    return {_rename(k, True): v for k, v in state_dict.items()}
 
 
 def timm_to_official_names(state_dict: Mapping[str, np.ndarray]) -> dict:
-    return {_rename(k, _TIMM_TO_OFFICIAL): v for k, v in state_dict.items()}
+    return {_rename(k, False): v for k, v in state_dict.items()}
