@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from mixer_jax import models
+from mixer_jax.models import mixer
 
 
 def _as_model(model: str | models.MlpMixer) -> models.MlpMixer:
@@ -34,15 +35,7 @@ def forward_flops_terms(
     """FLOPs of one image's forward pass, split into stem / token / channel / head."""
     m = _as_model(model)
     rows, cols = _grid(image_size, m.patch_size)
-    tokens, hidden = rows * cols, m.hidden_dim
-    # A Dense of n inputs and k outputs applied to r rows costs 2*r*n*k; each MLP is
-    # two of them (in -> mlp_dim -> in).
-    return {
-        "stem": 2 * tokens * (m.patch_size**2 * 3) * hidden,
-        "token_mixing": m.num_blocks * 2 * 2 * hidden * tokens * m.tokens_mlp_dim,
-        "channel_mixing": m.num_blocks * 2 * 2 * tokens * hidden * m.channels_mlp_dim,
-        "head": 2 * hidden * (m.num_classes or 0),
-    }
+    return mixer.flops(m, (rows * m.patch_size, cols * m.patch_size))
 
 
 def mixer_flops(
