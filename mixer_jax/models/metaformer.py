@@ -585,9 +585,10 @@ def flops(model: MetaFormer, image_size: tuple[int, int]) -> dict[str, int]:
 
 def _register(line: str) -> registry.Family:
     timm = line in TIMM_LINES
+    variants = {n: v for n, v in VARIANTS.items() if n.rsplit("_", 1)[0] == line}
     return registry.register(registry.Family(
-        name=line, module=MetaFormer,
-        variants={n: v for n, v in VARIANTS.items() if n.rsplit("_", 1)[0] == line},
+        name=line, module=MetaFormer, variants=variants,
+        timm_names={n: n for n in variants} if timm else {},
         architecture=functools.partial(_architecture, line),
         from_timm=functools.partial(_from_timm, line) if timm else None,
         to_timm=functools.partial(_to_timm, line) if timm else None,
