@@ -385,10 +385,10 @@ def test_official_reference_counts():
 # ----------------------------------------------------------------- RandFormer, sizes, FLOPs
 
 def test_randformer_matrices_are_frozen():
-    """Not in params, so neither gradients, optimizer nor weight decay touch them."""
+    """Not in params (so gradients, optimizers, weight decay never see them); required."""
     model = models.create_model("randformer_s12", dims=(8, 16, 32, 32), depths=DEPTHS,
                                 num_classes=3)
-    variables = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
     assert not any("random_matrix" in k for k in mf._flat(variables["params"]))
     frozen = mf._flat(variables[mf.FROZEN])
     assert sorted(frozen) == ["stages_2_blocks_0/token_mixer/random_matrix",
@@ -397,6 +397,18 @@ def test_randformer_matrices_are_frozen():
     np.testing.assert_allclose(frozen["stages_2_blocks_0/token_mixer/random_matrix"].sum(-1),
                                1.0, rtol=1e-6)
 
+    images = jnp.asarray(_images(size=32))
+    with pytest.raises(ValueError, match="frozen mixing matrices are missing"):
+        jax.eval_shape(model.apply, {"params": variables["params"]}, images)
+
+
+@pytest.mark.slow
+def test_randformer_train_step_leaves_matrices_alone():
+    """A jitted AdamW step (weight decay on) moves the params; the matrices are not its input."""
+    model = models.create_model("randformer_s12", dims=(8, 16, 32, 32), depths=DEPTHS,
+                                num_classes=3)
+    variables = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    frozen = jax.tree.map(np.array, variables[mf.FROZEN])
     tx = optax.adamw(1e-2, weight_decay=0.5)
     images, labels = jnp.asarray(_images(size=32)), jnp.array([0, 2])
 
@@ -410,8 +422,8 @@ def test_randformer_matrices_are_frozen():
 
     params, _ = step(variables["params"], tx.init(variables["params"]))
     assert not np.allclose(params["stem_conv"]["kernel"], variables["params"]["stem_conv"]["kernel"])
-    with pytest.raises(ValueError, match="frozen mixing matrices are missing"):
-        model.apply({"params": params}, images)
+    jax.tree.map(np.testing.assert_array_equal, variables[mf.FROZEN], frozen)
+    assert jax.tree.structure(params) == jax.tree.structure(variables["params"])
 
 
 def test_input_sizes():
