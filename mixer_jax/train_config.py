@@ -10,8 +10,12 @@ Data (read by `input_pipeline`):
   tfds_data_dir     tfds data dir (None: tfds' default); tfds_manual_dir for manual downloads.
   pp.train, pp.test split strings; pp.crop image size fed to the model;
   pp.resize         eval: shorter side before the centre crop (None: resize straight to crop);
-  pp.inception_crop, pp.flip, pp.randaugment ((layers, magnitude) or None), pp.mixup (alpha).
+  pp.inception_crop, pp.flip, pp.randaugment ((layers, magnitude) or None).
   batch, batch_eval GLOBAL batch sizes (all hosts, all devices); shuffle_buffer; seed.
+Mixed-sample augmentation (read by `mix.MixConfig`, applied in the training step on each
+  device): mix.mixup_alpha, cutmix_alpha, cutmix_minmax, fmix_alpha, fmix_decay, resizemix,
+  resizemix_scale, saliencymix_alpha, maskmix_alpha, maskmix_cell, prob, switch_prob, mode,
+  label_smoothing, correct_lam (timm's names and meanings where timm has them; all off).
 Model: model_name (a `models.VARIANTS` name) and model.* (MlpMixer field overrides:
   dropout, stoch_depth, dtype, scan, remat, and architecture fields for tiny custom models).
 Fine-tuning: pretrained_dir + model_or_filename -> a published `.npz` or an orbax checkpoint
@@ -28,12 +32,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import os
+import pathlib
 
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from mixer_jax import models
+from mixer_jax import mix, models
 from mixer_jax.errors import ConfigError
 from mixer_jax.optim import DECAY_TYPES, OPTIMIZERS
 from mixer_jax.parallel import PARALLELISMS
@@ -51,8 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.tfds_manual_dir = config_dict.placeholder(str)
     c.pp = ml_collections.ConfigDict(dict(
         train="train", test="test", crop=224, resize=256, inception_crop=True,
-        flip=True, randaugment=config_dict.placeholder(tuple), mixup=0.0,
+        flip=True, randaugment=config_dict.placeholder(tuple),
     ))
+    c.mix = _mix_defaults()
     c.batch = 512
     c.batch_eval = 512
     c.shuffle_buffer = 10_000
@@ -91,6 +99,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpoints = True
     return c
+
+
+def _mix_defaults() -> ml_collections.ConfigDict:
+    """`config.mix`: the fields of `mix.MixConfig` with its defaults (everything off)."""
+    section = ml_collections.ConfigDict()
+    for field in dataclasses.fields(mix.MixConfig):
+        if field.default is None:  # a (low, high) pair, unset
+            section[field.name] = config_dict.placeholder(tuple)
+        else:
+            section[field.name] = field.default
+    return section
 
 
 def b16_transfer_config(dataset: str) -> ml_collections.ConfigDict:
@@ -197,8 +216,46 @@ def validate(config, *, num_devices: int | None = None, process_count: int = 1) 
           f"token_mixing {config.token_mixing!r} is not auto/block_diagonal/resample/reinit")
     check(not config.model_or_filename or config.pretrained_dir is not None,
           "model_or_filename needs pretrained_dir")
+    # Mixed-sample augmentation (`mixer_jax.mix`): config.mix, and the host-side pp.mixup's end.
+    if "mixup" in config.pp:
+        problems[:] = [p for p in problems if not p.startswith("unknown key pp.mixup")]
+        problems.append(f"pp.mixup is no longer read: mixing runs in the training step on the "
+                        f"devices; set mix.mixup_alpha={config.pp.mixup} instead")
+    mix_fields = {f.name for f in dataclasses.fields(mix.MixConfig)}
+    problems += mix.MixConfig.from_config(
+        {k: v for k, v in config.mix.items() if k in mix_fields}).problems(patch, config.pp.crop)
     if problems:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def check_before_training(config, info) -> None:
+    """Raises ConfigError listing every problem that needs the dataset to be seen, so that
+    a run fails at start-up instead of at its first evaluation (`validate` checks the rest).
+
+    `info`: the dataset's `input_pipeline.DatasetInfo` (class count, split sizes).
+    """
+    problems = []
+    crop, resize = config.pp.crop, config.pp.get("resize")
+    if resize and resize < crop:
+        problems.append(
+            f"pp.resize={resize} (the eval images' shorter side before the centre crop) is "
+            f"smaller than pp.crop={crop}: set pp.resize={eval_resize(crop)} (256/224 of "
+            "the crop, as the paper evaluates) or pp.resize=None (resize straight to the crop)")
+    for key, count in (("pp.train", info.num_train_examples),
+                       ("pp.test", info.num_eval_examples)):
+        if not count:
+            problems.append(f"{key}={config.pp[key.split('.')[1]]!r} selects no examples "
+                            f"of {config.dataset!r}")
+    if info.num_classes < 2:
+        problems.append(f"{config.dataset!r} has {info.num_classes} class(es); a classifier "
+                        "needs at least 2")
+    if problems:
+        raise ConfigError("Invalid config for this dataset:\n  - " + "\n  - ".join(problems))
+
+
+def eval_resize(crop: int) -> int:
+    """The paper's evaluation resize for a crop: 256/224 of it (224 -> 256, 448 -> 512)."""
+    return round(crop * 256 / 224)
 
 
 def with_defaults(config) -> ml_collections.ConfigDict:
@@ -216,3 +273,34 @@ def _merge_into(target, source):
             _merge_into(target[key], value)
         else:
             target[key] = value
+
+
+# ------------------------------------------------------------------------ shipped configs
+
+
+def configs_dir() -> pathlib.Path:
+    """The folder of the shipped configs: `mixer_jax/configs` in an installed package (the
+    wheel carries the repository's `configs/` there), else `configs/` of the checkout."""
+    spec = importlib.util.find_spec("mixer_jax.configs")
+    if spec is not None and spec.submodule_search_locations:
+        return pathlib.Path(list(spec.submodule_search_locations)[0])
+    return pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped configs, e.g. ['default', 'mixer_b16_cifar10', ...]."""
+    return sorted(p.stem for p in configs_dir().glob("*.py") if not p.stem.startswith("_"))
+
+
+def config_path(name_or_path: str) -> str:
+    """`--config` value -> a config file: an existing path as it is; a shipped config's
+    name (`default`, `mixer_b16_folder.py`, `configs/default.py`) -> its shipped file.
+    A `:argument` suffix is kept."""
+    path, colon, argument = name_or_path.partition(":")
+    if os.path.exists(path):
+        return name_or_path
+    name = os.path.basename(path).removesuffix(".py")
+    if name in shipped_configs() and os.path.dirname(path) in ("", "configs"):
+        return str(configs_dir() / f"{name}.py") + colon + argument
+    raise ConfigError(f"No config file {path!r}; give a path to a .py config or one of the "
+                      f"shipped configs: {', '.join(shipped_configs())}.")

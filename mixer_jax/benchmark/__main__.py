@@ -2,14 +2,16 @@
 
   python -m mixer_jax.benchmark --variant=Mixer-B_16 --batch=32 --dtype=float32 \\
       --mode=inference,train [--config=configs/x.py --mode=pipeline] \\
-      [--mode=sharding --mesh=8,64,256] [--json=results.json]
+      [--mode=sharding --mesh=8,64,256] [--mode=train,mix] [--json=results.json]
 
 Modes (comma-separated, run in this order):
   inference  a forward pass on `--batch` images on one device;
   train      a full training step (loss, gradients, optimizer update) likewise;
   pipeline   `input_pipeline.train_dataset(--config)` alone, images/s on this host;
   sharding   per-device parameter/optimizer/step memory, data parallel vs FSDP, on
-             each mesh size of `--mesh` (simulated CPU devices; nothing allocated).
+             each mesh size of `--mesh` (simulated CPU devices; nothing allocated);
+  mix        each mixed-sample augmentation method alone (`mixer_jax.mix`, `--mix_mode`)
+             on the per-device batch; with `train`, also as a fraction of its step.
 `--batch` is always the per-device batch; `--microbatch` computes it in pieces
 (inference via `steps.forward`, training via gradient accumulation: the same
 update). Without `--ceiling=false`, the dense-matmul ceiling is measured in the
@@ -28,10 +30,15 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from mixer_jax import host_memory, models, parallel
-from mixer_jax.benchmark import measure, pipeline, report, sharding
+from mixer_jax import cli, host_memory, mix, models, parallel
+from mixer_jax.benchmark import measure, mixing, pipeline, report, sharding
+from mixer_jax.errors import UserError
 
-MODES = ("inference", "train", "pipeline", "sharding")
+MODES = ("inference", "train", "pipeline", "sharding", "mix")
+
+
+class BenchmarkError(UserError, ValueError):
+    """A bad combination of benchmark flags."""
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
@@ -72,6 +79,8 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
                       "fast for deep models; memory is the same).", flag_values=fv)
     flags.DEFINE_integer("pipeline_batches", 20, "Timed batches in pipeline mode.",
                          flag_values=fv)
+    flags.DEFINE_enum("mix_mode", "batch", list(mix.MODES), "config.mix.mode timed by "
+                      "--mode=mix.", flag_values=fv)
     flags.DEFINE_string("json", None, "Also write all results as JSON to this path "
                         "('-': stdout instead of the tables).", flag_values=fv)
     config_flags.DEFINE_config_file("config", None, "Training config (needed for "
@@ -91,20 +100,20 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
     modes = list(fv.mode)
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
-        raise ValueError(f"Unknown mode(s) {unknown}; known: {', '.join(MODES)}.")
+        raise BenchmarkError(f"Unknown mode(s) {unknown}; known: {', '.join(MODES)}.")
     config = fv.config
     if "pipeline" in modes and config is None:
-        raise ValueError("--mode=pipeline needs --config=<training config file>.")
+        raise BenchmarkError("--mode=pipeline needs --config=<training config file>.")
     variant = fv.variant or (config.get("model_name") if config else None) or "Mixer-B_16"
     if variant.replace("/", "_") not in models.VARIANTS:
-        raise ValueError(f"Unknown variant {variant!r}; known: {', '.join(models.VARIANTS)}.")
+        raise BenchmarkError(f"Unknown variant {variant!r}; known: {', '.join(models.VARIANTS)}.")
     image_size = fv.image_size or (config.pp.crop if config else 224)
 
     def per_device_batch(devices: int) -> int:  # the config's global batch split, else 32
         return fv.batch or (max(1, config.batch // devices) if config else 32)
 
     results: dict[str, Any] = {"environment": environment(), "runs": [], "sharding": [],
-                               "pipeline": []}
+                               "pipeline": [], "mix": []}
     sizes = (tuple(int(s) for s in fv.ceiling_sizes) or None) if fv.ceiling else ()
     for mode in (m for m in modes if m in ("inference", "train")):
         results["runs"].append(measure.benchmark_model(
@@ -112,6 +121,10 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
             image_size=image_size, steps=fv.steps, scan=fv.scan, remat=fv.remat,
             optimizer=fv.optimizer, microbatch=fv.microbatch, statistic=fv.statistic,
             ceiling_sizes=sizes))
+    if "mix" in modes:
+        results["mix"] = mixing.benchmark_mixing(
+            variant, batch=per_device_batch(jax.device_count()), image_size=image_size,
+            steps=fv.steps, mode=fv.mix_mode, statistic=fv.statistic)
     if "pipeline" in modes:
         results["pipeline"].append(pipeline.benchmark_pipeline(
             config, batches=fv.pipeline_batches))
@@ -136,6 +149,10 @@ def format_results(results: dict[str, Any]) -> str:
         ceilings = [report.ceiling_line(r) for r in results["runs"] if r["ceiling"]]
         if ceilings:
             parts.append("\n".join(ceilings))
+    if results.get("mix"):
+        train = [r for r in results["runs"] if r["mode"] == "train"]
+        parts.append("mixed-sample augmentation, each method alone:\n" + report.mix_table(
+            results["mix"], train[0]["step_s"] if train else None))
     if results["pipeline"]:
         parts.append("input pipeline (training preprocessing, this host):\n"
                      + report.pipeline_table(results["pipeline"]))
@@ -159,11 +176,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parses `argv` (default sys.argv), runs, prints the report; returns the results."""
     argv = sys.argv if argv is None else ["benchmark", *argv]
     fv = flags.FlagValues()
+    argv = cli.with_config_paths(argv)
     define_flags(fv, argv)
     if {"-h", "--help", "--helpfull"} & set(argv[1:]):
         print(__doc__ + "\nFlags:\n" + fv.get_help())
         return {}
-    fv(argv)
+    cli.parse_flags(argv, fv)
     if "sharding" in fv.mode:
         try:  # simulated devices for the mesh; only possible before jax starts
             jax.config.update("jax_num_cpu_devices", max(int(n) for n in fv.mesh))
@@ -184,7 +202,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     host_memory.retain_freed_memory()
-    try:
-        main()
-    except (ValueError, flags.Error) as e:
-        sys.exit(f"error: {e}")
+    cli.run(lambda argv: main(argv[1:]) and None)

@@ -73,3 +73,11 @@ def pipeline_table(results: list[dict[str, Any]]) -> str:
     rows = [[r["dataset"], r["batch"], r["host_batch"], r["crop"],
              f"{r['batch_s'] * 1e3:.1f}", f"{r['images_per_s']:.1f}"] for r in results]
     return table(headers, rows)
+
+
+def mix_table(rows: list[dict[str, Any]], train_step_s: float | None) -> str:
+    """Time per call of each mixing method, and its share of a training step if given."""
+    headers = ["method", "variant", "batch", "mode", "ms", "of train step"]
+    return table(headers, [
+        [r["method"], r["variant"], r["batch"], r["mode"], f"{1e3 * r['step_s']:.2f}",
+         f"{r['step_s'] / train_step_s:.2%}" if train_step_s else "-"] for r in rows])
