@@ -72,12 +72,24 @@ def register_reader(matches: Callable[[str], bool], read: Callable[[str], Source
     _READERS.append((matches, read))
 
 
-def _preprocessing_from_meta(meta: Mapping[str, Any] | None) -> registry.Preprocessing | None:
+def preprocessing_from_meta(meta: Mapping[str, Any] | None) -> registry.Preprocessing | None:
+    """The `Preprocessing` stored in a run checkpoint's meta (`train_checkpoint.run_meta`)."""
     stored = (meta or {}).get("preprocessing")
     if not stored:
         return None
     return registry.Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
                                      for k, v in stored.items()})
+
+
+def _reader(path: str):
+    return next((read for matches, read in _READERS if matches(path)), None)
+
+
+def is_orbax(path: str) -> bool:
+    """Whether `read_source(path)` reads an orbax checkpoint directory."""
+    from etils import epath  # noqa: PLC0415
+
+    return _reader(path) is None and epath.Path(path).is_dir()
 
 
 def read_source(source: PathLike | Params | Source) -> Source:
@@ -90,12 +102,10 @@ def read_source(source: PathLike | Params | Source) -> Source:
         name = "The given parameters"
         return Source(checkpoint._normalise_layout(flatten_params(source), name), name)
     path = os.fspath(source)
-    for matches, read in _READERS:
-        if matches(path):
-            return read(path)
-    from etils import epath  # noqa: PLC0415  (orbax and epath only when a path is read)
-
-    if epath.Path(path).is_dir():
+    read = _reader(path)
+    if read is not None:
+        return read(path)
+    if is_orbax(path):
         from mixer_jax import train_checkpoint  # noqa: PLC0415
 
         try:
@@ -103,7 +113,7 @@ def read_source(source: PathLike | Params | Source) -> Source:
             meta = train_checkpoint.read_meta(path)
         except (FileNotFoundError, ValueError) as e:
             raise CheckpointError(f"{path!r}: {e}") from e
-        return Source(flatten_params(params), repr(path), _preprocessing_from_meta(meta),
+        return Source(flatten_params(params), repr(path), preprocessing_from_meta(meta),
                       (meta or {}).get("model_name"))
     return Source(flatten_params(checkpoint.load_npz(path)), repr(path))
 
@@ -308,6 +318,15 @@ def adapted_model_overrides(source: PathLike | Params | Source, image_size: Imag
                  _num_tokens(src.flat, layout.roles), source_image_size, lambda _: grid)
     shapes = {k: tuple(v.shape) for k, v in src.flat.items()}
     return dict(family.architecture(_fake(_adapted_shapes(shapes, layout, plan))))
+
+
+def token_width_overrides(source: PathLike | Params | Source, image_size: ImageSize, *,
+                          token_mixing: str = "auto") -> dict:
+    """Only the fields of `adapted_model_overrides` that token mixing sets (e.g. Mixer's
+    `tokens_mlp_dim`; none for a square token map): what a model built by name needs."""
+    src, family, fields, layout = _source_layout(source)
+    adapted = adapted_model_overrides(src, image_size, token_mixing=token_mixing)
+    return {f: adapted[f] for f in layout.token_fields}
 
 
 # ------------------------------------------------------------------------ checks

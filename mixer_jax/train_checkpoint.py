@@ -3,7 +3,8 @@
 Layout, in `<workdir>/checkpoints/<step>/` (one directory per saved step):
   params/  the model parameters (the model's own layout, per-block or scanned);
   train/   {'step', 'opt_state', 'rng'}: the rest of the TrainState;
-  meta/    JSON: {'step', 'config'} (the config the run used).
+  meta/    JSON: {'step', 'config'} (the config the run used), 'model_name' and
+           'preprocessing' (what the weights expect: `models.Preprocessing` fields).
 The data position is the step: `input_pipeline.train_dataset(config, start_step=step)`
 yields exactly the batches an uninterrupted run sees from there on.
 
@@ -47,6 +48,9 @@ class TrainCheckpointer:
     def save(self, step: int, state, config=None) -> None:
         """Starts saving `state` (a saveable TrainState) as `step`; returns before it is written."""
         meta = {"step": int(step), "config": jsonable_config(config)}
+        if config is not None and config.get("model_name") and config.get("pp"):
+            # what `predict` and later fine-tuning need to use the weights
+            meta.update(run_meta(config))
         self._manager.save(int(step), force=True, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             train=ocp.args.StandardSave(_train_part(state)),
@@ -102,6 +106,25 @@ def jsonable_config(config):
     if config is None:
         return None
     return json.loads(config.to_json_best_effort())
+
+
+def run_meta(config) -> dict:
+    """{'model_name', 'preprocessing'} of a run's config, for its checkpoints' meta."""
+    import dataclasses  # noqa: PLC0415
+
+    from mixer_jax import train_config  # noqa: PLC0415  (the config module imports jax)
+
+    return {"model_name": config.get("model_name"),
+            "preprocessing": dataclasses.asdict(train_config.preprocessing(config))}
+
+
+def read_meta(path: str, step: int | None = None) -> dict | None:
+    """The JSON meta of a checkpoint (see the module docstring), or None if it has none."""
+    root, step = find_checkpoint(path, step)
+    meta_dir = root / str(step) / "meta"
+    if not meta_dir.is_dir():
+        return None
+    return ocp.JsonCheckpointHandler().restore(meta_dir, args=ocp.args.JsonRestore())
 
 
 def find_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int]:

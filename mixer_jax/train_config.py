@@ -10,13 +10,19 @@ Data (read by `input_pipeline`):
   tfds_data_dir     tfds data dir (None: tfds' default); tfds_manual_dir for manual downloads.
   pp.train, pp.test split strings; pp.crop image size fed to the model;
   pp.resize         eval: shorter side before the centre crop (None: resize straight to crop);
-  pp.inception_crop, pp.flip, pp.randaugment ((layers, magnitude) or None), pp.mixup (alpha).
+  pp.inception_crop, pp.flip, pp.randaugment ((layers, magnitude) or None), pp.mixup (alpha);
+  pp.mean, pp.std   per-channel pixel statistics on a 0-1 scale (None: the pretrained
+                    source's preprocessing if it has one, else the model family's, e.g.
+                    (0.5,)*3 = [-1, 1] for Mixer, ImageNet's for ResMLP; see `train.prepare`).
   batch, batch_eval GLOBAL batch sizes (all hosts, all devices); shuffle_buffer; seed.
-Model: model_name (a `models.VARIANTS` name) and model.* (MlpMixer field overrides:
-  dropout, stoch_depth, dtype, scan, remat, and architecture fields for tiny custom models).
-Fine-tuning: pretrained_dir + model_or_filename -> a published `.npz` or an orbax checkpoint
-  (a workdir or checkpoint directory of an earlier run); reset_head (None: when the class count
-  differs); token_mixing (how `checkpoint.load_pretrained` adapts to another image size).
+Model: model_name (any `models.list_models()` name) and model.* (overrides of that family's
+  module fields: dropout, stoch_depth, dtype, scan, remat, and architecture fields for tiny
+  custom models).
+Fine-tuning: pretrained (any source `finetune.read_source` takes: an `.npz`, an orbax
+  checkpoint, ...), or pretrained_dir + model_or_filename -> a published `.npz` or an orbax
+  checkpoint (a workdir or checkpoint directory of an earlier run); reset_head (None: when the
+  class count differs); token_mixing (how `finetune.load_pretrained` adapts to another image
+  size).
 Optimiser (read by `optim.make_optimizer`): optim, momentum, mu_dtype, b1, b2, weight_decay,
   base_lr, warmup_steps, decay_type, linear_end, total_steps, grad_norm_clip, accum_steps.
 Parallelism (read by `parallel.make_strategy`): parallelism ('pmap' | 'data' | 'fsdp'),
@@ -26,7 +32,6 @@ Loop: progress_every, eval_every, checkpoint_every (in steps), keep_checkpoints 
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 
 import jax.numpy as jnp
@@ -52,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.pp = ml_collections.ConfigDict(dict(
         train="train", test="test", crop=224, resize=256, inception_crop=True,
         flip=True, randaugment=config_dict.placeholder(tuple), mixup=0.0,
+        mean=config_dict.placeholder(tuple), std=config_dict.placeholder(tuple),
     ))
     c.batch = 512
     c.batch_eval = 512
@@ -62,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
         dropout=0.0, stoch_depth=0.0, dtype="float32", scan=False, remat=False,
     ))
 
+    c.pretrained = config_dict.placeholder(str)
     c.pretrained_dir = "."
     c.model_or_filename = config_dict.placeholder(str)
     c.reset_head = config_dict.placeholder(bool)
@@ -114,8 +121,13 @@ def b16_transfer_config(dataset: str) -> ml_collections.ConfigDict:
     return c
 
 
-def _model_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(models.MlpMixer)} - {"parent", "name", "num_classes"}
+def _model_fields(model_name: str) -> set[str]:
+    """The `config.model` options of `model_name`'s family (empty for an unknown name)."""
+    try:
+        family = models.get_family(model_name)
+    except ValueError:
+        return set()
+    return models.registry.model_fields(family) - {"num_classes"}
 
 
 def _unknown_keys(config, known, prefix="") -> list[str]:
@@ -132,7 +144,7 @@ def _unknown_keys(config, known, prefix="") -> list[str]:
 
 
 def model_kwargs(config) -> dict:
-    """MlpMixer overrides from `config.model`, with dtype names turned into dtypes."""
+    """Model field overrides from `config.model`, with dtype names turned into dtypes."""
     kwargs = dict(config.model)
     for key in ("dtype", "param_dtype"):
         if key in kwargs:
@@ -146,20 +158,31 @@ def validate(config, *, num_devices: int | None = None, process_count: int = 1) 
     With `num_devices`, also checks that each micro-batch splits evenly over the devices.
     """
     problems = [f"unknown key {k}" for k in _unknown_keys(config, base_config())]
-    bad_model = sorted(set(config.model) - _model_fields())
-    if bad_model:
-        problems.append(f"unknown model option(s) {bad_model}; known: {sorted(_model_fields())}")
 
     def check(ok, message):
         if not ok:
             problems.append(message)
 
-    check(config.model_name.replace("/", "_") in models.VARIANTS,
-          f"model_name {config.model_name!r} is not one of {list(models.VARIANTS)}")
-    patch = config.model.get("patch_size") or models.VARIANTS.get(
-        config.model_name.replace("/", "_"), {}).get("patch_size", 1)
-    check(config.pp.crop % patch == 0,
-          f"pp.crop={config.pp.crop} is not a multiple of the patch size {patch}")
+    # The model: a registered name, its family's options, an image size it takes.
+    try:
+        models.get_family(config.model_name)
+        known_model = models.registry.canonical_name(config.model_name) in models.list_models()
+    except ValueError:
+        known_model = False
+    check(known_model, f"model_name {config.model_name!r} is not a registered model; "
+          "`mixer_jax.models.list_models()` lists every name")
+    fields = _model_fields(config.model_name)
+    bad_model = sorted(set(config.model) - fields)
+    if known_model and bad_model:
+        problems.append(f"unknown model option(s) {bad_model} for {config.model_name}; known: "
+                        f"{sorted(fields)}")
+    if known_model and not bad_model:
+        problems += _image_size_problems(config)
+    for key in ("mean", "std"):
+        value = config.pp.get(key)
+        check(value is None or len(value) == 3, f"pp.{key}={value} must be None or 3 "
+              "per-channel values (0-1 scale)")
+    check(not config.pp.get("std") or min(config.pp.std) > 0, "pp.std must be positive")
     check(config.model.get("dtype", "float32") in DTYPES, f"model.dtype must be one of {DTYPES}")
     check(config.optim in OPTIMIZERS, f"optim {config.optim!r} is not one of {OPTIMIZERS}")
     check(config.decay_type in DECAY_TYPES,
@@ -199,6 +222,26 @@ def validate(config, *, num_devices: int | None = None, process_count: int = 1) 
           "model_or_filename needs pretrained_dir")
     if problems:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def preprocessing(config) -> models.Preprocessing:
+    """What a run feeds its model (after `train.prepare` filled in pp.mean/pp.std)."""
+    pp, default = config.pp, models.get_family(config.model_name).preprocessing
+    return models.Preprocessing(
+        mean=tuple(pp.mean) if pp.get("mean") else default.mean,
+        std=tuple(pp.std) if pp.get("std") else default.std,
+        input_size=pp.crop, crop_pct=pp.crop / pp.resize if pp.get("resize") else 1.0,
+        interpolation="bilinear")
+
+
+def _image_size_problems(config) -> list[str]:
+    """pp.crop must fit the model (patch size, downsampling): checked on abstract shapes."""
+    try:
+        model = models.create_model(config.model_name, **model_kwargs(config))
+        models.param_shapes(model, (config.pp.crop, config.pp.crop, 3))
+    except (ValueError, TypeError) as e:
+        return [f"pp.crop={config.pp.crop} does not fit {config.model_name}: {e}"]
+    return []
 
 
 def with_defaults(config) -> ml_collections.ConfigDict:
