@@ -84,6 +84,10 @@ class Family:
     # Analytic forward FLOPs of one image (2 x multiply-adds of every Dense/Conv/matmul),
     # by component; the "stem" entry is the one whose input gradient training skips.
     flops: Callable[[nn.Module, tuple[int, int]], dict[str, int]] | None = None
+    # Module-field overrides that make a fast test model of the family (fewer blocks,
+    # narrower; the first variant's other fields kept): tests/test_registry.py runs every
+    # family's tiny model through init/apply, scan, sharding and an FSDP step.
+    tiny: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 _FAMILIES: dict[str, Family] = {}
