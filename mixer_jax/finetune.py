@@ -85,6 +85,11 @@ def _reader(path: str):
     return next((read for matches, read in _READERS if matches(path)), None)
 
 
+def has_reader(path: str) -> bool:
+    """Whether a registered reader takes `path` (e.g. an `hf-hub:` id that is no file)."""
+    return _reader(path) is not None
+
+
 def is_orbax(path: str) -> bool:
     """Whether `read_source(path)` reads an orbax checkpoint directory."""
     from etils import epath  # noqa: PLC0415
@@ -194,7 +199,9 @@ def _layout_cached(family_name: str, fields: tuple) -> _Layout:
     return _Layout(flat_axes, shapes, roles, stride, token_fields)
 
 
-def _layout(family: registry.Family, fields: dict) -> _Layout:
+def layout(family: registry.Family, fields: dict) -> _Layout:
+    """The family's parameters at these architecture fields: logical axes, token roles,
+    token stride and the fields the block-diagonal method widens (computed abstractly)."""
     hashable = lambda v: tuple(v) if isinstance(v, list) else v
     return _layout_cached(family.name, tuple((k, hashable(v)) for k, v in fields.items()))
 
@@ -251,7 +258,9 @@ def _grid(image_size: ImageSize | None, stride: int, num_tokens: int,
     return grid
 
 
-def _num_tokens(flat, roles) -> int:
+def num_tokens(flat, layout: _Layout) -> int:
+    """The token count of flat parameters (the size of their first token axis)."""
+    roles = layout.roles
     key, axis = next((k, r.index("tokens")) for k, r in sorted(roles.items()) if "tokens" in r)
     return flat[key].shape[axis]
 
@@ -297,7 +306,7 @@ def _adapted_shapes(shapes: Mapping[str, tuple], layout: _Layout, plan: _Plan) -
 def _source_layout(source: PathLike | Params | Source):
     src = read_source(source)
     family, fields = identify(src.flat, src.name)
-    return src, family, fields, _layout(family, fields)
+    return src, family, fields, layout(family, fields)
 
 
 def adapted_model_overrides(source: PathLike | Params | Source, image_size: ImageSize, *,
@@ -315,7 +324,7 @@ def adapted_model_overrides(source: PathLike | Params | Source, image_size: Imag
         return fields
     grid = _image_grid(image_size, layout.stride)
     plan = _plan("resample" if token_mixing == "reinit" else token_mixing, layout,
-                 _num_tokens(src.flat, layout.roles), source_image_size, lambda _: grid)
+                 num_tokens(src.flat, layout), source_image_size, lambda _: grid)
     shapes = {k: tuple(v.shape) for k, v in src.flat.items()}
     return dict(family.architecture(_fake(_adapted_shapes(shapes, layout, plan))))
 
@@ -516,17 +525,17 @@ def load_pretrained(source: PathLike | Params | Source, init_params: Params, *,
             f"{family.name} model or load a {model_family.name} checkpoint.")
     _check_architecture(family, file_flat, model_flat, file_fields, model_fields, layout, name)
 
-    num_tokens = _num_tokens(file_flat, layout.roles) if layout.roles else 0
+    file_tokens = num_tokens(file_flat, layout) if layout.roles else 0
 
     def target_grid_of(source_grid):
-        model_tokens = _num_tokens(model_flat, layout.roles)
-        if model_tokens == num_tokens and image_size is None:
+        model_tokens = num_tokens(model_flat, layout)
+        if model_tokens == file_tokens and image_size is None:
             return source_grid
         return _grid(image_size, layout.stride, model_tokens, "The model")
 
-    plan = _plan(token_mixing, layout, num_tokens, source_image_size, target_grid_of)
+    plan = _plan(token_mixing, layout, file_tokens, source_image_size, target_grid_of)
     if plan.method != "reinit":
-        _check_token_shapes(file_flat, layout, num_tokens, name)
+        _check_token_shapes(file_flat, layout, file_tokens, name)
     _check_token_widths(family, plan, layout, file_flat, model_flat, file_fields, model_fields,
                         name)
     head_from_file = _head_from_file(family, file_flat, model_flat, reset_head, name)

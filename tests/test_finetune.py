@@ -132,3 +132,24 @@ def test_read_source_resolves_once_and_registered_readers_come_first(family, tmp
     assert finetune.read_source(str(tmp_path / "x.custom")) is custom
     with pytest.raises(CheckpointError, match="not a checkpoint of any registered model family"):
         finetune.identify({"foo/bar": np.zeros(3)})
+
+
+def test_preprocessing_precedence_in_training():
+    """pp.mean/pp.std as set, else the pretrained source's, else the family's."""
+    from mixer_jax import train, train_config
+
+    class NoCheckpoint:
+        def latest_step(self):
+            return None
+
+    config = train_config.with_defaults(train_config.base_config())
+    config.model_name = "Mixer-Ti_4"
+    source = finetune.Source({}, "x", registry.IMAGENET)
+    pretrained = train.Pretrained("x", source, source, None)
+    assert train._with_preprocessing(config, NoCheckpoint(), None).pp.mean == (0.5,) * 3
+    assert train._with_preprocessing(config, NoCheckpoint(), pretrained).pp.std == \
+        registry.IMAGENET.std
+    config.pp.mean = (0.1, 0.2, 0.3)
+    chosen = train._with_preprocessing(config, NoCheckpoint(), pretrained)
+    assert chosen.pp.mean == (0.1, 0.2, 0.3) and chosen.pp.std == registry.IMAGENET.std
+    assert train_config.preprocessing(chosen).mean == (0.1, 0.2, 0.3)
