@@ -73,3 +73,12 @@ def pipeline_table(results: list[dict[str, Any]]) -> str:
     rows = [[r["dataset"], r["batch"], r["host_batch"], r["crop"],
              f"{r['batch_s'] * 1e3:.1f}", f"{r['images_per_s']:.1f}"] for r in results]
     return table(headers, rows)
+
+
+def compare_table(rows: list[dict[str, Any]]) -> str:
+    headers = ["mode", "variant", "timm model", "batch", "dtype", "mixer_jax img/s",
+               "timm img/s", "mixer_jax / timm", "steps x rounds"]
+    return table(headers, [[r["mode"], r["variant"], r["timm_name"], r["batch"], r["dtype"],
+                            f"{r['mixer_jax_images_per_s']:.1f}", f"{r['timm_images_per_s']:.1f}",
+                            f"{r['ratio']:.2f}x", f"{r['steps']} x {r['rounds']}"]
+                           for r in rows])

@@ -222,7 +222,25 @@ def architecture(flat) -> dict:
                 channels_mlp_dim=flat[f"{BLOCK_PREFIX}0/channel_mixing/Dense_0/kernel"].shape[1])
 
 
+def flops(model: MlpMixer, image_size: tuple[int, int]) -> dict[str, int]:
+    """Analytic forward FLOPs of one image by component (2 x multiply-adds of every
+    Dense and Conv; norms, GELU, adds and the pool are a fraction of a percent)."""
+    height, width = image_size
+    p = model.patch_size
+    if height % p or width % p:
+        raise ValueError(f"Image size {height}x{width} is not divisible by patch size {p}.")
+    tokens, hidden = (height // p) * (width // p), model.hidden_dim
+    # A Dense of n inputs and k outputs applied to r rows costs 2*r*n*k; each MLP is
+    # two of them (in -> mlp_dim -> in).
+    return {
+        "stem": 2 * tokens * (p**2 * 3) * hidden,
+        "token_mixing": model.num_blocks * 2 * 2 * hidden * tokens * model.tokens_mlp_dim,
+        "channel_mixing": model.num_blocks * 2 * 2 * tokens * hidden * model.channels_mlp_dim,
+        "head": 2 * hidden * (model.num_classes or 0),
+    }
+
+
 FAMILY = registry.register(registry.Family(
     name="mixer", module=MlpMixer, variants=VARIANTS, architecture=architecture,
-    preprocessing=registry.INCEPTION,
+    preprocessing=registry.INCEPTION, flops=flops,
 ))

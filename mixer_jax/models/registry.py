@@ -136,6 +136,14 @@ def model_fields(family: Family) -> set[str]:
     return {f.name for f in dataclasses.fields(family.module)} - {"parent", "name"}
 
 
+def family_of(model: nn.Module) -> Family:
+    """The family whose module `model` is an instance of."""
+    for family in _FAMILIES.values():
+        if isinstance(model, family.module):
+            return family
+    raise ValueError(f"{type(model).__name__} is not the module of a registered family.")
+
+
 def create_model(name: str, **overrides) -> nn.Module:
     """Builds a registered model by name, with any module field overridden.
 
