@@ -239,8 +239,9 @@ def _image_size_problems(config) -> list[str]:
     try:
         model = models.create_model(config.model_name, **model_kwargs(config))
         models.param_shapes(model, (config.pp.crop, config.pp.crop, 3))
-    except (ValueError, TypeError) as e:
-        return [f"pp.crop={config.pp.crop} does not fit {config.model_name}: {e}"]
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        return [f"pp.crop={config.pp.crop} does not fit {config.model_name} "
+                f"(with config.model {dict(config.model)}): {e}"]
     return []
 
 

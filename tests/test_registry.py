@@ -222,3 +222,23 @@ def test_new_families_are_picked_up(monkeypatch):
     assert [p.values[0] for p in family_params()][-1] == "zzz_test"
     assert tiny_overrides(fam) == {"num_blocks": 1}
     _ = nn, jnp  # (imported for families' tiny overrides that name dtypes)
+
+
+def test_config_validation_asks_the_registry():
+    from mixer_jax import train_config
+    from mixer_jax.errors import ConfigError
+
+    config = train_config.base_config()
+    config.model_name, config.pp.crop = "Mixer-Ti_4", 16
+    train_config.validate(config)
+    config.model_name = "Mixer-X_9"
+    with pytest.raises(ConfigError, match="model_name 'Mixer-X_9' is not a registered model"):
+        train_config.validate(config)
+    config.model_name = "Mixer-Ti_4"
+    config.model.depthz = 3
+    with pytest.raises(ConfigError, match=r"unknown model option\(s\) \['depthz'\] for Mixer-Ti_4"):
+        train_config.validate(config)
+    del config.model["depthz"]
+    config.pp.crop, config.pp.std = 18, (0.5, 0.5, 0.0)
+    with pytest.raises(ConfigError, match=r"pp.crop=18 does not fit Mixer-Ti_4.*\n.*pp.std must"):
+        train_config.validate(config)
