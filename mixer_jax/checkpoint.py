@@ -349,3 +349,17 @@ def _flat_source(source: PathLike | Params) -> tuple[dict[str, Any], str]:
 
 from mixer_jax.finetune import (TOKEN_MIXING_METHODS, adapted_model_overrides,  # noqa: E402
                                 load_pretrained)
+
+
+# timm's formats live in `mixer_jax.timm_weights` (which uses this module); re-exported
+# lazily here so that `checkpoint.load_timm` works without an import cycle.
+_TIMM_API = ("load_timm", "read_timm", "save_timm", "to_timm", "is_timm_source",
+             "TimmWeights")
+
+
+def __getattr__(name: str):
+    if name in _TIMM_API:
+        from mixer_jax import timm_weights
+
+        return getattr(timm_weights, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,22 +10,42 @@
   # The parameters of a training run (its workdir, checkpoints directory or one step
   # directory; latest step unless --step) -> the published layout:
   python -m mixer_jax.convert orbax-to-npz --checkpoint=/tmp/mixer_digits --out=/tmp/digits.npz
+
+  # timm's weights (a .safetensors/.pth file, a Hub snapshot folder or an hf-hub: id;
+  # --model only where the file's shapes don't say it) -> npz (MLP-Mixer) or orbax:
+  python -m mixer_jax.convert timm-to-orbax --timm=hf-hub:timm/gmixer_24_224.ra3_in1k \
+      --out=/tmp/gmixer_24_orbax
+  python -m mixer_jax.convert timm-to-npz --timm=/tmp/mixer_b16_224/model.safetensors \
+      --out=/tmp/Mixer-B_16.npz
+  # and back: a .safetensors file that timm.create_model(<name>) loads (--model: a
+  # registered name; default: recognised from the shapes, timm's name for Mixer):
+  python -m mixer_jax.convert npz-to-timm --npz=/tmp/digits.npz --model=Mixer-Ti_4 ...
+  python -m mixer_jax.convert orbax-to-timm --checkpoint=/tmp/gmixer_24_orbax \
+      --out=/tmp/gmixer_24_224.safetensors
 """
 from __future__ import annotations
 
 import jax
 from absl import app, flags, logging
 
-from mixer_jax import checkpoint, metric_writers, models, train_checkpoint
+import dataclasses
 
-COMMANDS = ("npz-to-orbax", "orbax-to-npz")
+from mixer_jax import checkpoint, metric_writers, models, timm_weights, train_checkpoint
+
+COMMANDS = ("npz-to-orbax", "orbax-to-npz", "timm-to-npz", "timm-to-orbax", "npz-to-timm",
+            "orbax-to-timm")
 
 flags.DEFINE_string("npz", None, "npz-to-orbax: the .npz file to read (local or gs://).")
 flags.DEFINE_string("checkpoint", None,
-                    "orbax-to-npz: a workdir, its checkpoints directory, or one step directory.")
+                    "orbax-to-*: a workdir, its checkpoints directory, or one step directory.")
+flags.DEFINE_string("timm", None, "timm-to-*: a .safetensors/.pth file, a Hugging Face Hub "
+                    "snapshot folder, or hf-hub:timm/<name>.<tag>.")
+flags.DEFINE_string("model", None, "The registered model name (e.g. gmixer_24_224), where the "
+                    "weights' shapes do not say it.")
 flags.DEFINE_string("out", None, "Where to write: a directory (orbax) or an .npz file.")
-flags.DEFINE_integer("step", None, "orbax-to-npz: the step to export (default: latest).")
-flags.DEFINE_bool("scan", False, "npz-to-orbax: write the stacked layout of scan=True models.")
+flags.DEFINE_integer("step", None, "orbax-to-*: the step to export (default: latest).")
+flags.DEFINE_bool("scan", False, "*-to-orbax (MLP-Mixer): write the stacked layout of scan=True "
+                  "models.")
 FLAGS = flags.FLAGS
 
 
@@ -49,22 +69,79 @@ def orbax_to_npz(checkpoint_path: str, out_path: str, *, step: int | None = None
     return written
 
 
+def timm_to_npz(source: str, out_path: str, *, model: str | None = None) -> str:
+    """Writes timm's MLP-Mixer weights as a published-layout `.npz` (Mixer only: the npz
+    format is Mixer's; other families go to orbax)."""
+    weights = timm_weights.read_timm(source, model)
+    if models.get_family(weights.name).name != "mixer":
+        raise checkpoint.CheckpointError(
+            f"{weights.source} is {weights.name}; .npz files hold MLP-Mixer parameters only. "
+            "Use timm-to-orbax.")
+    written = checkpoint.save_npz(weights.params, out_path)
+    logging.info("Wrote %s (%s) to %s.", weights.source, weights.name, written)
+    return written
+
+
+def timm_to_orbax(source: str, out_dir: str, *, model: str | None = None,
+                  scan: bool = False) -> str:
+    """Writes timm weights as a params-only orbax checkpoint (step 0); the meta records the
+    model name, class count and preprocessing."""
+    weights = timm_weights.read_timm(source, model)
+    params = jax.device_get(models.stack_blocks(weights.params)) if scan else weights.params
+    train_checkpoint.save_params(params, out_dir, meta={
+        "source": str(source), "scan": scan, "model_name": weights.name,
+        "num_classes": weights.num_classes,
+        "preprocessing": dataclasses.asdict(weights.preprocessing)})
+    logging.info("Wrote %s (%s) to %s.", weights.source, weights.name, out_dir)
+    return out_dir
+
+
+def _save_timm(params, out_path: str, model: str | None, what: str) -> str:
+    name = model or timm_weights.model_name(params)
+    if name is None:
+        raise checkpoint.CheckpointError(f"{what} is not a registered model variant; pass "
+                                         "--model=<name>.")
+    name = models.get_family(name).timm_names.get(name, name)  # Mixer-B_16 -> mixer_b16_224
+    written = timm_weights.save_timm(params, name, out_path)
+    logging.info("Wrote %s as %s to %s.", what, name, written)
+    return written
+
+
+def npz_to_timm(npz_path: str, out_path: str, *, model: str | None = None) -> str:
+    """Writes an `.npz` as `.safetensors` in timm's layout."""
+    return _save_timm(checkpoint.load_npz(npz_path), out_path, model, npz_path)
+
+
+def orbax_to_timm(checkpoint_path: str, out_path: str, *, model: str | None = None,
+                  step: int | None = None) -> str:
+    """Writes the parameters of an orbax checkpoint as `.safetensors` in timm's layout."""
+    params = train_checkpoint.restore_params(checkpoint_path, step=step)
+    return _save_timm(params, out_path, model, checkpoint_path)
+
+
 def main(argv) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"Usage: python -m mixer_jax.convert {{{'|'.join(COMMANDS)}}} "
-                             "--out=... (--npz=... | --checkpoint=... [--step=N])")
+                             "--out=... (--npz=... | --checkpoint=... [--step=N] | --timm=...) "
+                             "[--model=NAME]")
     if not FLAGS.out:
         raise app.UsageError("--out is required.")
     metric_writers.quiet_library_logs()
-    if argv[1] == "npz-to-orbax":
-        if not FLAGS.npz:
-            raise app.UsageError("npz-to-orbax needs --npz.")
-        npz_to_orbax(FLAGS.npz, FLAGS.out, scan=FLAGS.scan)
-    else:
-        if not FLAGS.checkpoint:
-            raise app.UsageError("orbax-to-npz needs --checkpoint.")
-        orbax_to_npz(FLAGS.checkpoint, FLAGS.out, step=FLAGS.step)
-
+    sources = {"npz": ("--npz", FLAGS.npz), "orbax": ("--checkpoint", FLAGS.checkpoint),
+               "timm": ("--timm", FLAGS.timm)}
+    flag, source = sources[argv[1].split("-to-")[0]]
+    if not source:
+        raise app.UsageError(f"{argv[1]} needs {flag}.")
+    out, model, step, scan = FLAGS.out, FLAGS.model, FLAGS.step, FLAGS.scan
+    commands = {
+        "npz-to-orbax": lambda: npz_to_orbax(source, out, scan=scan),
+        "orbax-to-npz": lambda: orbax_to_npz(source, out, step=step),
+        "timm-to-npz": lambda: timm_to_npz(source, out, model=model),
+        "timm-to-orbax": lambda: timm_to_orbax(source, out, model=model, scan=scan),
+        "npz-to-timm": lambda: npz_to_timm(source, out, model=model),
+        "orbax-to-timm": lambda: orbax_to_timm(source, out, model=model, step=step),
+    }
+    commands[argv[1]]()
 
 if __name__ == "__main__":
     app.run(main)

@@ -62,8 +62,22 @@ class Source:
     model_name: str | None = None  # a registered name, when the source says (e.g. timm's)
 
 
-# (matches(path) -> bool, read(path) -> Source), tried in order before the built-in formats.
-_READERS: list[tuple[Callable[[str], bool], Callable[[str], Source]]] = []
+def _is_timm(source) -> bool:
+    from mixer_jax import timm_weights  # noqa: PLC0415  (it imports this module's parent)
+
+    return timm_weights.is_timm_source(source)
+
+
+def _read_timm(source) -> Source:
+    from mixer_jax import timm_weights  # noqa: PLC0415
+
+    weights = timm_weights.read_timm(source)
+    return Source(flatten_params(weights.params), weights.source, weights.preprocessing,
+                  weights.name)
+
+
+# (matches(path) -> bool, read(path) -> Source), tried in order before npz and orbax.
+_READERS: list[tuple[Callable[[str], bool], Callable[[str], Source]]] = [(_is_timm, _read_timm)]
 
 
 def register_reader(matches: Callable[[str], bool], read: Callable[[str], Source]) -> None:
@@ -99,10 +113,13 @@ def is_orbax(path: str) -> bool:
 
 def read_source(source: PathLike | Params | Source) -> Source:
     """Resolves a pre-trained source once: a parameter tree (either layout), an `.npz`
-    (local or any tf.io.gfile path), an orbax checkpoint directory, or anything a
-    registered reader takes."""
+    (local or any tf.io.gfile path), an orbax checkpoint directory, timm weights (a
+    state dict, `.safetensors`/`.pth`, a Hub snapshot folder or an `hf-hub:` id, via
+    `timm_weights.read_timm`), or anything a registered reader takes."""
     if isinstance(source, Source):
         return source
+    if isinstance(source, Mapping) and _is_timm(source):
+        return _read_timm(source)
     if isinstance(source, Mapping):
         name = "The given parameters"
         return Source(checkpoint._normalise_layout(flatten_params(source), name), name)
@@ -150,8 +167,18 @@ class _Layout:
     token_fields: tuple[str, ...]  # architecture fields that the block-diagonal method widens
 
 
+def module_fields(family: registry.Family, fields: Mapping[str, Any]) -> dict:
+    """Module fields for architecture `fields`: those of the family's variant they match
+    (e.g. gMixer's `gated`, which shapes do not show), else of its first, with `fields`
+    on top."""
+    base = next((v for v in family.variants.values()
+                 if all(fields.get(k) == x for k, x in v.items() if k in fields)),
+                next(iter(family.variants.values())))
+    return {**base, **fields}
+
+
 def _abstract(family: registry.Family, fields: dict, size: int):
-    model = family.module(**{**fields, "num_classes": 1})
+    model = family.module(**{**module_fields(family, fields), "num_classes": 1})
     shape = (size, size, 3)
     axes = models.param_axes(model, shape)
     flat_axes = {SEP.join(str(k.key) for k in path): v for path, v in

@@ -112,6 +112,7 @@ def load_model(checkpoint: str, *, variant: str | None = None, dtype: Any = jnp.
     else:
         size = image_size or preprocessing.input_size
     build = dict(fields, num_classes=_num_classes(family, source.flat), dtype=dtype)
+    build = build if source.model_name else finetune.module_fields(family, build)
     model_name = source.model_name or variant
     model = (models.create_model(model_name, **build) if model_name
              and models.get_family(model_name) is family else family.module(**build))

@@ -5,6 +5,7 @@
   same programs; a cached program is the same program, so results are unchanged.
 """
 import os
+import sys
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
@@ -15,3 +16,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "mixer_jax_test_jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+# torch (test extra, for the timm parity tests) imports triton if installed, and
+# triton's native library crashes the process when TensorFlow was loaded first.
+# CPU torch never needs triton: make `import triton` fail (torch then skips it).
+sys.modules.setdefault("triton", None)

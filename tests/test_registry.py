@@ -23,8 +23,9 @@ from mixer_jax import models, optim, parallel, steps
 from mixer_jax.models import registry
 
 # Tiny overrides for families that do not declare `Family.tiny` themselves.
-TINY = {"mixer": dict(num_blocks=2, hidden_dim=16, tokens_mlp_dim=8, channels_mlp_dim=32,
-                      patch_size=4)}
+_TINY_MIXER = dict(num_blocks=2, hidden_dim=16, tokens_mlp_dim=8, channels_mlp_dim=32,
+                   patch_size=4)
+TINY = {"mixer": _TINY_MIXER, "gmixer": _TINY_MIXER}
 NUM_CLASSES = 5
 BATCH = 8
 SIZES = (4, 8, 16, 28, 32, 56, 64, 112, 128, 224)  # the first that fits is used

@@ -5,12 +5,19 @@ Parameter names follow Google's `vit_jax.models_mixer`, so the parameter tree
 `pre_head_layer_norm`, `head`). With `scan=True` the blocks live stacked under
 `MixerBlocks` instead; `stack_blocks`/`unstack_blocks` convert between the two.
 
+The same module runs timm's `MlpMixer` under timm's names (`mixer_b16_224`, ...:
+the same parameter tree, `gelu_approximate=False` because timm's `nn.GELU` is the
+exact erf form while Google's models were trained with the tanh form) and gMixer
+(`gated=True`, see `mixer_jax.models.gmixer`). LayerNorm epsilon is 1e-6 in both.
+
 Regularisation (both off by default, both inverted, i.e. identity at eval):
-- `dropout`: after the GELU and after the second Dense of every MLP; kept units
-  are scaled by 1/(1-p) during training.
-- `stoch_depth`: drop-path on every residual branch, per example. The rate
-  rises linearly over blocks from 0 (first block) to `stoch_depth` (last
-  block), as in the paper; kept branches are scaled by 1/(1-p_i).
+- `dropout`: after the activation and after the second Dense of every MLP; kept
+  units are scaled by 1/(1-p) during training.
+- `stoch_depth`: drop-path on every residual branch, per example. Google's names:
+  the rate rises linearly over blocks from 0 (first block) to `stoch_depth` (last
+  block), as in the paper. timm's names and gMixer (`uniform_drop_path=True`):
+  every block uses `stoch_depth`, as timm applies `drop_path_rate` to MlpMixer.
+  Kept branches are scaled by 1/(1-p_i).
 """
 from __future__ import annotations
 
@@ -44,23 +51,42 @@ VARIANTS: dict[str, dict[str, int]] = {
     name: dict(zip(MODEL_FIELDS, values)) for name, values in _VARIANT_TABLE.items()
 }
 
+# The same architectures under timm's names: exact-erf GELU, timm's drop-path rule.
+TIMM_NAMES = {f"Mixer-{size}_{patch}": f"mixer_{size.lower()}{patch}_224"
+              for size in "SBL" for patch in (32, 16)}
+_TIMM_OPTIONS = dict(gelu_approximate=False, uniform_drop_path=True)
+FAMILY_VARIANTS = {**VARIANTS, **{timm: {**VARIANTS[google], **_TIMM_OPTIONS}
+                                  for google, timm in TIMM_NAMES.items()}}
+
 BLOCK_PREFIX = "MixerBlock_"
 SCANNED_BLOCKS = "MixerBlocks"
 
 
 class MlpBlock(nn.Module):
-    """Dense -> GELU (tanh approximation, as trained) -> Dense back to the input width."""
+    """Dense -> GELU -> Dense back to the input width.
+
+    GELU is the tanh approximation (`gelu_approximate=True`, as Google trained) or
+    the exact erf form (timm). With `gated=True` the MLP is timm's `GluMlp` with
+    SiLU (SwiGLU): `Dense_0(x) * silu(gate(x))`, both `mlp_dim` wide (timm's `fc1`
+    is the two side by side, `Dense_0` first), then `Dense_1`.
+    """
 
     mlp_dim: int
     axis: str = "embed"  # logical name of the mixed axis: "tokens" or "embed"
     dropout: float = 0.0
+    gelu_approximate: bool = True
+    gated: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        y = nn.gelu(dense(self.mlp_dim, (self.axis, "mlp"), **kw)(x))
+        y = dense(self.mlp_dim, (self.axis, "mlp"), **kw)(x)
+        if self.gated:
+            y = y * nn.silu(dense(self.mlp_dim, (self.axis, "mlp"), name="gate", **kw)(x))
+        else:
+            y = nn.gelu(y, approximate=self.gelu_approximate)
         y = nn.Dropout(self.dropout, deterministic=not train)(y)
         y = dense(x.shape[-1], ("mlp", self.axis), **kw)(y)
         return nn.Dropout(self.dropout, deterministic=not train)(y)
@@ -74,6 +100,8 @@ class MixerBlock(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    gelu_approximate: bool = True
+    gated: bool = False
 
     def _residual(self, x, y, drop_rate, train):
         if train and not (isinstance(drop_rate, (int, float)) and drop_rate == 0):
@@ -82,7 +110,8 @@ class MixerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, drop_rate=0.0, train: bool = False):
-        kw = dict(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dropout=self.dropout, gelu_approximate=self.gelu_approximate, gated=self.gated,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda name: layer_norm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         y = norm("LayerNorm_0")(x)
         y = jnp.swapaxes(y, 1, 2)
@@ -130,11 +159,14 @@ class MlpMixer(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan: bool = False
     remat: bool = False
+    gelu_approximate: bool = True  # tanh GELU (Google's weights); False: exact erf (timm's)
+    gated: bool = False  # SwiGLU token and channel MLPs (gMixer)
+    uniform_drop_path: bool = False  # timm's stochastic-depth rule (see the module docstring)
 
     def drop_rates(self) -> np.ndarray:
-        """Per-block stochastic-depth rates: linear from 0 to `stoch_depth`."""
-        if self.num_blocks == 1:
-            return np.full((1,), self.stoch_depth, np.float32)
+        """Per-block stochastic-depth rates: linear from 0 to `stoch_depth`, or all equal."""
+        if self.num_blocks == 1 or self.uniform_drop_path:
+            return np.full((self.num_blocks,), self.stoch_depth, np.float32)
         return np.linspace(0.0, self.stoch_depth, self.num_blocks, dtype=np.float32)
 
     @nn.compact
@@ -159,6 +191,7 @@ class MlpMixer(nn.Module):
         block = dict(
             tokens_mlp_dim=self.tokens_mlp_dim, channels_mlp_dim=self.channels_mlp_dim,
             dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
+            gelu_approximate=self.gelu_approximate, gated=self.gated,
         )
         rates = self.drop_rates()
         if self.scan:
@@ -215,6 +248,18 @@ def unstack_blocks(params: dict) -> dict:
 
 def architecture(flat) -> dict:
     """The `MlpMixer` architecture fields of flat per-block parameters, from their shapes."""
+    if any(k.endswith("/gate/kernel") for k in flat):
+        raise ValueError("The parameters have gated MLPs ('.../gate/kernel'): they are a gMixer, "
+                         "not an MLP-Mixer.")
+    return shape_fields(flat)
+
+
+def shape_fields(flat) -> dict:
+    """The five architecture fields of flat Mixer-layout parameters (gated or not)."""
+    for key in ("stem/kernel", f"{BLOCK_PREFIX}0/token_mixing/Dense_0/kernel",
+                f"{BLOCK_PREFIX}0/channel_mixing/Dense_0/kernel"):
+        if key not in flat:
+            raise ValueError(f"The parameters have no {key!r}: they are not an MLP-Mixer.")
     blocks = {int(k.split("/")[0][len(BLOCK_PREFIX):]) for k in flat if k.startswith(BLOCK_PREFIX)}
     token = flat[f"{BLOCK_PREFIX}0/token_mixing/Dense_0/kernel"].shape
     return dict(patch_size=flat["stem/kernel"].shape[0], num_blocks=len(blocks),
@@ -222,25 +267,87 @@ def architecture(flat) -> dict:
                 channels_mlp_dim=flat[f"{BLOCK_PREFIX}0/channel_mixing/Dense_0/kernel"].shape[1])
 
 
+# ------------------------------------------------------------------ timm's state dict
+# Layouts: a Linear's weight is [out, in] (our kernel [in, out]); a Conv2d's weight is
+# [out, in, kh, kw] (ours [kh, kw, in, out]). Both directions are transposes: bitwise.
+_LAYOUTS = {
+    "linear": ((1, 0), (1, 0)),  # (ours -> timm, timm -> ours) axis permutations
+    "conv": ((3, 2, 0, 1), (2, 3, 1, 0)),
+    "copy": (None, None),
+}
+
+
+def _timm_key_pairs(num_blocks: int, head: bool) -> list[tuple[str, str, str]]:
+    """(our flat key, timm's key, layout) for every parameter of timm's MlpMixer."""
+    def affine(ours, theirs, layout="copy", weight="scale"):
+        return [(f"{ours}/{weight}", f"{theirs}.weight", layout), (f"{ours}/bias", f"{theirs}.bias", "copy")]
+
+    pairs = affine("stem", "stem.proj", "conv", "kernel")
+    for i in range(num_blocks):
+        ours, theirs = f"{BLOCK_PREFIX}{i}", f"blocks.{i}"
+        pairs += affine(f"{ours}/LayerNorm_0", f"{theirs}.norm1")
+        pairs += affine(f"{ours}/LayerNorm_1", f"{theirs}.norm2")
+        for mlp, timm_mlp in (("token_mixing", "mlp_tokens"), ("channel_mixing", "mlp_channels")):
+            for dense, fc in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
+                pairs += affine(f"{ours}/{mlp}/{dense}", f"{theirs}.{timm_mlp}.{fc}", "linear", "kernel")
+    pairs += affine("pre_head_layer_norm", "norm")
+    return pairs + (affine("head", "head", "linear", "kernel") if head else [])
+
+
+def _convert(arrays, pairs, source: int, what: str) -> dict:
+    """Renames and re-lays out `arrays` along `pairs` (source 0: ours -> timm, 1: timm -> ours)."""
+    expected = [pair[source] for pair in pairs]
+    missing = next((k for k in expected if k not in arrays), None)
+    if missing:
+        raise ValueError(f"{what} has no {missing!r}.")
+    unknown = next((k for k in arrays if k not in set(expected)), None)
+    if unknown:
+        raise ValueError(f"{what} has {unknown!r}, which is not a parameter of timm's MlpMixer.")
+    out = {}
+    for pair in pairs:
+        axes = _LAYOUTS[pair[2]][source]
+        value = np.asarray(arrays[pair[source]])
+        out[pair[1 - source]] = value if axes is None else value.transpose(axes)
+    return out
+
+
+def _num_blocks(keys, pattern: str) -> int:
+    return len({k.split(pattern)[1].split(".")[0].split("/")[0] for k in keys if pattern in k})
+
+
+def from_timm(state_dict) -> dict:
+    """timm's MlpMixer state dict -> flat parameters (per-block layout)."""
+    pairs = _timm_key_pairs(_num_blocks(state_dict, "blocks."), "head.weight" in state_dict)
+    return _convert(state_dict, pairs, 1, "The state dict")
+
+
+def to_timm(flat) -> dict:
+    """Flat parameters (per-block layout) -> timm's MlpMixer state dict."""
+    pairs = _timm_key_pairs(_num_blocks(flat, BLOCK_PREFIX), "head/kernel" in flat)
+    return _convert(flat, pairs, 0, "The parameters")
+
+
 def flops(model: MlpMixer, image_size: tuple[int, int]) -> dict[str, int]:
-    """Analytic forward FLOPs of one image by component (2 x multiply-adds of every
-    Dense and Conv; norms, GELU, adds and the pool are a fraction of a percent)."""
+    """Analytic forward FLOPs of one image (2 x multiply-adds of every Dense/Conv)."""
     height, width = image_size
-    p = model.patch_size
-    if height % p or width % p:
-        raise ValueError(f"Image size {height}x{width} is not divisible by patch size {p}.")
-    tokens, hidden = (height // p) * (width // p), model.hidden_dim
-    # A Dense of n inputs and k outputs applied to r rows costs 2*r*n*k; each MLP is
-    # two of them (in -> mlp_dim -> in).
+    if height % model.patch_size or width % model.patch_size:
+        raise ValueError(f"Image size {height}x{width} is not divisible by patch size "
+                         f"{model.patch_size}.")
+    tokens, hidden, p = (height // model.patch_size) * (width // model.patch_size), \
+        model.hidden_dim, model.patch_size
+    # A Dense of n inputs and k outputs applied to r rows costs 2*r*n*k; each MLP is two
+    # of them (in -> mlp_dim -> in), three when gated (value and gate, then out).
+    denses = 3 if model.gated else 2
     return {
-        "stem": 2 * tokens * (p**2 * 3) * hidden,
-        "token_mixing": model.num_blocks * 2 * 2 * hidden * tokens * model.tokens_mlp_dim,
-        "channel_mixing": model.num_blocks * 2 * 2 * tokens * hidden * model.channels_mlp_dim,
+        "stem": 2 * tokens * p * p * 3 * hidden,
+        "token_mixing": model.num_blocks * denses * 2 * hidden * tokens * model.tokens_mlp_dim,
+        "channel_mixing": model.num_blocks * denses * 2 * tokens * hidden * model.channels_mlp_dim,
         "head": 2 * hidden * (model.num_classes or 0),
     }
 
 
 FAMILY = registry.register(registry.Family(
-    name="mixer", module=MlpMixer, variants=VARIANTS, architecture=architecture,
+    name="mixer", module=MlpMixer, variants=FAMILY_VARIANTS, architecture=architecture,
+    from_timm=from_timm, to_timm=to_timm, timm_names=TIMM_NAMES,
     preprocessing=registry.INCEPTION, flops=flops,
 ))
