@@ -153,3 +153,18 @@ def test_preprocessing_precedence_in_training():
     chosen = train._with_preprocessing(config, NoCheckpoint(), pretrained)
     assert chosen.pp.mean == (0.1, 0.2, 0.3) and chosen.pp.std == registry.IMAGENET.std
     assert train_config.preprocessing(chosen).mean == (0.1, 0.2, 0.3)
+
+
+def test_timm_state_dict_is_a_source_for_fine_tuning():
+    """A timm state dict (timm's keys and layouts) goes through the same fine-tuning path."""
+    pytest.importorskip("safetensors")
+    model = models.create_model("mixer_s32_224")
+    params = random_params(model, 224, seed=0)
+    state_dict = models.get_family("mixer_s32_224").to_timm(checkpoint.flatten_params(params))
+    source = finetune.read_source(state_dict)
+    assert source.model_name == "mixer_s32_224" and source.preprocessing is not None
+    fresh = random_params(models.create_model("mixer_s32_224", num_classes=CLASSES), 224, 1)
+    loaded = finetune.load_pretrained(state_dict, fresh)
+    np.testing.assert_array_equal(loaded["MixerBlock_7"]["token_mixing"]["Dense_1"]["kernel"],
+                                  params["MixerBlock_7"]["token_mixing"]["Dense_1"]["kernel"])
+    np.testing.assert_array_equal(loaded["head"]["kernel"], fresh["head"]["kernel"])  # reset
