@@ -27,7 +27,7 @@ def get_config(variant: str | None = None):
     config.pp.inception_crop = True
     config.pp.flip = True
     config.pp.randaugment = (2, 15)
-    config.pp.mixup = 0.5
+    config.mix.mixup_alpha = 0.5
 
     config.model_name = variant or "Mixer-B_16"
     config.model.stoch_depth = 0.1

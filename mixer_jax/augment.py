@@ -1,9 +1,11 @@
-"""Training augmentations in TF ops: inception crop, RandAugment, mixup.
+"""Training augmentations in TF ops: inception crop, RandAugment.
+
+Mixed-sample augmentation (mixup and its family) runs on the devices: `mixer_jax.mix`.
 
 Every random choice is a *stateless* TF op driven by an explicit seed (a
 shape-[2] integer tensor), so the input pipeline can derive seeds from
-(config.seed, example index) and (config.seed, step) and replay exactly the
-same augmentations when a run resumes.
+(config.seed, example index) and replay exactly the same augmentations when
+a run resumes.
 
 RandAugment (Cubuk et al. 2019) uses the 14 operations of the paper. Each of
 `num_layers` layers applies one uniformly chosen operation at the fixed
@@ -55,23 +57,6 @@ def inception_crop(
     crop = tf.slice(image, begin, size)
     crop.set_shape([None, None, image.shape[-1]])
     return crop
-
-
-def mixup(batch: dict[str, tf.Tensor], seed: tf.Tensor, alpha: float) -> dict[str, tf.Tensor]:
-    """Mixes every example with its neighbour in the batch, one Beta(alpha, alpha) weight.
-
-    `batch['image']` (float) and `batch['label']` (one-hot float) become
-    `lam * x + (1 - lam) * roll(x, 1)`; other entries pass through.
-    """
-    gammas = tf.random.stateless_gamma([2], seed=seed, alpha=alpha)
-    # Beta(a, a) = G1 / (G1 + G2); tiny alphas can underflow both to zero.
-    total = gammas[0] + gammas[1]
-    lam = tf.where(total > 0, gammas[0] / tf.maximum(total, 1e-30), 1.0)
-    mixed = dict(batch)
-    for key in ("image", "label"):
-        x = batch[key]
-        mixed[key] = lam * x + (1.0 - lam) * tf.roll(x, shift=1, axis=0)
-    return mixed
 
 
 # --- RandAugment -----------------------------------------------------------

@@ -22,7 +22,6 @@ Config keys read (vit_jax names; configs/ sets them, defaults in brackets):
   pp.inception_crop       train: random-area crop (5..100 %) [False]
   pp.flip                 train: random horizontal flip [False]
   pp.randaugment          train: None or (num_layers, magnitude) [None]
-  pp.mixup                train: mixup alpha, 0 = off [0]
   batch, batch_eval       GLOBAL batch sizes; each host gets batch / hosts
                           [batch_eval: batch]
   shuffle_buffer          records in the shuffle buffer [10_000]. Encoded
@@ -33,7 +32,8 @@ Config keys read (vit_jax names; configs/ sets them, defaults in brackets):
 Determinism and resuming: every host reads a fixed, disjoint slice of the
 split. Epoch e is that slice shuffled with a seed from (seed, host, e);
 example i of the host's endless stream gets its augmentation seed from
-(seed, host, i), and batch k its mixup seed from (seed, host, k). So
+(seed, host, i). (Mixed-sample augmentation runs in the training step on the
+devices, keyed by the step: `mixer_jax.mix`.) So
 `train_dataset(config, start_step=k)` yields exactly the batches an
 uninterrupted run yields from batch k on; it skips encoded records, which is
 cheap, before any decoding. (tf.data's shuffle also mixes in TF's global seed:
@@ -68,8 +68,8 @@ except RuntimeError:  # TF's devices were initialised before this import; nothin
 DEFAULT_SHUFFLE_BUFFER = 10_000
 _FOLDER_ORDER_SEED = 0  # fixed order of a folder's files: slices never depend on config.seed
 _NATIVE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp")
-# Purposes mixed into every seed so that the three random streams never overlap.
-_SHUFFLE, _EXAMPLE, _MIXUP = 1, 2, 3
+# Purposes mixed into every seed so that the random streams never overlap.
+_SHUFFLE, _EXAMPLE = 1, 2
 
 Range = tuple[str, int, int]  # (split name, first index, end index)
 
@@ -130,8 +130,8 @@ def train_dataset(
     """Endless host-local training batches, starting at batch `start_step`.
 
     Batches are {'image': float32 [batch / hosts, crop, crop, 3] in [-1, 1],
-    'label': float32 [batch / hosts, num_classes]} (one-hot, or mixed by
-    mixup). `process_index`/`process_count` default to jax's.
+    'label': float32 [batch / hosts, num_classes]} (one-hot).
+    `process_index`/`process_count` default to jax's.
     """
     process_index, process_count = _process(process_index, process_count)
     if start_step < 0:
@@ -151,9 +151,6 @@ def train_dataset(
             f"{process_count} hosts."
         )
     randaugment = _randaugment_args(pp)
-    mixup_alpha = float(pp.get("mixup") or 0.0)
-    if mixup_alpha < 0:
-        raise ValueError(f"pp.mixup must be >= 0, got {mixup_alpha}.")
     buffer = int(config.get("shuffle_buffer") or DEFAULT_SHUFFLE_BUFFER)
     base_seed = _base_seed(int(config.get("seed") or 0), process_index)
     records = source.read(ranges)
@@ -182,14 +179,8 @@ def train_dataset(
         )
         return {"image": image, "label": tf.one_hot(record["label"], source.num_classes)}
 
-    @tf.autograph.experimental.do_not_convert
-    def mix(step, examples):
-        return augment.mixup(examples, _fold(base_seed, _MIXUP, step), mixup_alpha)
-
     ds = ds.map(make_example, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch, drop_remainder=True)
-    if mixup_alpha > 0:
-        ds = ds.enumerate(start=start_step).map(mix, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

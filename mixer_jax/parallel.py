@@ -43,7 +43,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mixer_jax import models, steps
+from mixer_jax import mix, models, steps
 
 PARALLELISMS = ("pmap", "data", "fsdp")
 DATA_AXIS, MODEL_AXIS = "data", "model"
@@ -204,7 +204,8 @@ def leaf_axes(param_axes: Mapping[tuple[str, ...], tuple], names: tuple[str, ...
 class Strategy(abc.ABC):
     """Runs `steps.init_state/train_step/eval_step` on devices; see module docstring."""
 
-    def __init__(self, model, tx, *, image_shape, accum_steps: int = 1):
+    def __init__(self, model, tx, *, image_shape, accum_steps: int = 1,
+                 mixer: mix.Mixer | None = None):
         if accum_steps < 1:
             raise ValueError(f"accum_steps must be >= 1, got {accum_steps}.")
         self.model, self.tx, self.accum_steps = model, tx, accum_steps
@@ -212,8 +213,10 @@ class Strategy(abc.ABC):
         self._init_fn = functools.partial(
             steps.init_state, model, tx, image_shape=self.image_shape
         )
+        # Mixed-sample augmentation, each device on its own examples (None: off).
+        self.mixer = None if mixer is None else self._per_device(mixer)
         self._train_fn = functools.partial(
-            steps.train_step, model=model, tx=tx, accum_steps=accum_steps
+            steps.train_step, model=model, tx=tx, accum_steps=accum_steps, mixer=self.mixer
         )
         self._eval_fn = functools.partial(steps.eval_step, model=model)
         self._abstract = None
@@ -222,6 +225,10 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def data_parallel_size(self) -> int:
         """Number of ways the global batch is split (it must divide the batch)."""
+
+    def _per_device(self, mixer: mix.Mixer) -> mix.Mixer:
+        """`mixer` as the training step must call it to mix on each device alone."""
+        return mixer
 
     @abc.abstractmethod
     def init(self, rng: jax.Array) -> steps.TrainState:
@@ -330,9 +337,11 @@ class MeshStrategy(Strategy):
     """`jax.jit` over a ('data', 'model') mesh: 'data' (replicated) or 'fsdp'."""
 
     def __init__(self, model, tx, *, image_shape, mesh: Mesh, fsdp: bool = False,
-                 fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE, accum_steps: int = 1):
-        super().__init__(model, tx, image_shape=image_shape, accum_steps=accum_steps)
+                 fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE, accum_steps: int = 1,
+                 mixer: mix.Mixer | None = None):
         self.mesh, self.fsdp, self.fsdp_min_size = mesh, fsdp, fsdp_min_size
+        super().__init__(model, tx, image_shape=image_shape, accum_steps=accum_steps,
+                         mixer=mixer)
         axes = models.param_axes(model, self.image_shape)
         self._param_axes = {_path_names(path): names for path, names in
                             jax.tree_util.tree_leaves_with_path(
@@ -362,6 +371,10 @@ class MeshStrategy(Strategy):
     @property
     def data_parallel_size(self) -> int:
         return self.mesh.shape[DATA_AXIS]
+
+    def _per_device(self, mixer):
+        # shard_map: jit alone may move examples between devices to find partners.
+        return mix.per_device(mixer, self.mesh, DATA_AXIS)
 
     def _abstract_sharding(self, path, leaf):
         # Called for one leaf at a time; compute the rule directly.
@@ -412,8 +425,11 @@ class MeshStrategy(Strategy):
 class PmapStrategy(Strategy):
     """`jax.pmap` over the local devices (all devices of all hosts take part)."""
 
-    def __init__(self, model, tx, *, image_shape, accum_steps: int = 1):
-        super().__init__(model, tx, image_shape=image_shape, accum_steps=accum_steps)
+    def __init__(self, model, tx, *, image_shape, accum_steps: int = 1,
+                 mixer: mix.Mixer | None = None):
+        # Under pmap each device sees its own examples and a key folded with its index.
+        super().__init__(model, tx, image_shape=image_shape, accum_steps=accum_steps,
+                         mixer=mixer)
         self.devices = jax.local_devices()
         local_mesh = Mesh(np.array(self.devices), (PMAP_AXIS,))
         # pmap's own layout: leading axis over the local devices.
@@ -486,7 +502,8 @@ class PmapStrategy(Strategy):
 def make_strategy(config, model, tx) -> Strategy:
     """The strategy named by `config.parallelism` ('pmap' | 'data' | 'fsdp', default
     'data'), with `config.mesh_model` (default 1), `config.accum_steps` (default 1),
-    `config.fsdp_min_size` and image shape `(config.pp.crop,) * 2 + (3,)`.
+    `config.fsdp_min_size`, image shape `(config.pp.crop,) * 2 + (3,)` and the
+    mixed-sample augmentation of `config.mix` (off when absent).
 
     Checks that `config.batch` (and `config.batch_eval`, if set) split evenly.
     """
@@ -496,14 +513,16 @@ def make_strategy(config, model, tx) -> Strategy:
     model_size = config.get("mesh_model", 1) or 1
     accum_steps = config.get("accum_steps", 1) or 1
     image_shape = (config.pp.crop, config.pp.crop, 3)
+    mixer = mix.from_model(config.get("mix"), model)
     if kind == "pmap":
         if model_size != 1:
             raise ValueError("mesh_model > 1 needs a mesh strategy ('data' or 'fsdp'), not 'pmap'.")
-        strategy = PmapStrategy(model, tx, image_shape=image_shape, accum_steps=accum_steps)
+        strategy = PmapStrategy(model, tx, image_shape=image_shape, accum_steps=accum_steps,
+                                mixer=mixer)
     else:
         strategy = MeshStrategy(
             model, tx, image_shape=image_shape, mesh=make_mesh(model_size),
-            fsdp=kind == "fsdp", accum_steps=accum_steps,
+            fsdp=kind == "fsdp", accum_steps=accum_steps, mixer=mixer,
             fsdp_min_size=config.get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE),
         )
     batch = config.get("batch", None)

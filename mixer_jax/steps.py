@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mixer_jax import mix
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -105,6 +107,7 @@ def train_step(
     tx: optax.GradientTransformation,
     accum_steps: int = 1,
     axis_name: str | None = None,
+    mixer: mix.Mixer | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step on `batch` {'image', 'label'}; returns (new state, metrics).
 
@@ -113,7 +116,8 @@ def train_step(
     the same update as one full-batch step with less activation memory. Under
     pmap, `axis_name` names the device axis to average gradients and metrics
     over. Metrics: 'loss' (mean cross-entropy) and 'grad_norm' (global norm
-    before clipping).
+    before clipping). `mixer` (`mix.make_mixer`, made per device by the strategy)
+    mixes each micro-batch within itself, keyed by the micro-step's RNG.
     """
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
@@ -121,6 +125,8 @@ def train_step(
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
     def loss_fn(params, micro, micro_rng):
+        if mixer is not None:  # inputs only: no gradient flows through mixing
+            micro = mixer(micro, mix.step_key(micro_rng))
         logits = model.apply(
             {"params": params}, micro["image"], train=True, rngs={"dropout": micro_rng}
         )

@@ -10,19 +10,23 @@ Data (read by `input_pipeline`):
   tfds_data_dir     tfds data dir (None: tfds' default); tfds_manual_dir for manual downloads.
   pp.train, pp.test split strings; pp.crop image size fed to the model;
   pp.resize         eval: shorter side before the centre crop (None: resize straight to crop);
-  pp.inception_crop, pp.flip, pp.randaugment ((layers, magnitude) or None), pp.mixup (alpha);
+  pp.inception_crop, pp.flip, pp.randaugment ((layers, magnitude) or None);
   pp.mean, pp.std   per-channel pixel statistics on a 0-1 scale (None: the pretrained
                     source's preprocessing if it has one, else the model family's, e.g.
                     (0.5,)*3 = [-1, 1] for Mixer, ImageNet's for ResMLP; see `train.prepare`).
   batch, batch_eval GLOBAL batch sizes (all hosts, all devices); shuffle_buffer; seed.
+Mixed-sample augmentation (read by `mix.MixConfig`, applied in the training step on each
+  device): mix.mixup_alpha, cutmix_alpha, cutmix_minmax, fmix_alpha, fmix_decay, resizemix,
+  resizemix_scale, saliencymix_alpha, maskmix_alpha, maskmix_cell, prob, switch_prob, mode,
+  label_smoothing, correct_lam (timm's names and meanings where timm has them; all off).
 Model: model_name (any `models.list_models()` name) and model.* (overrides of that family's
   module fields: dropout, stoch_depth, dtype, scan, remat, and architecture fields for tiny
   custom models).
 Fine-tuning: pretrained (any source `finetune.read_source` takes: an `.npz`, an orbax
-  checkpoint, ...), or pretrained_dir + model_or_filename -> a published `.npz` or an orbax
-  checkpoint (a workdir or checkpoint directory of an earlier run); reset_head (None: when the
-  class count differs); token_mixing (how `finetune.load_pretrained` adapts to another image
-  size).
+  checkpoint, timm weights), or pretrained_dir + model_or_filename -> a published `.npz` or an
+  orbax checkpoint (a workdir or checkpoint directory of an earlier run); reset_head (None: when
+  the class count differs); token_mixing (how `finetune.load_pretrained` adapts to another
+  image size).
 Optimiser (read by `optim.make_optimizer`): optim, momentum, mu_dtype, b1, b2, weight_decay,
   base_lr, warmup_steps, decay_type, linear_end, total_steps, grad_norm_clip, accum_steps.
 Parallelism (read by `parallel.make_strategy`): parallelism ('pmap' | 'data' | 'fsdp'),
@@ -32,13 +36,14 @@ Loop: progress_every, eval_every, checkpoint_every (in steps), keep_checkpoints 
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from mixer_jax import models
+from mixer_jax import mix, models
 from mixer_jax.errors import ConfigError
 from mixer_jax.optim import DECAY_TYPES, OPTIMIZERS
 from mixer_jax.parallel import PARALLELISMS
@@ -56,9 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.tfds_manual_dir = config_dict.placeholder(str)
     c.pp = ml_collections.ConfigDict(dict(
         train="train", test="test", crop=224, resize=256, inception_crop=True,
-        flip=True, randaugment=config_dict.placeholder(tuple), mixup=0.0,
+        flip=True, randaugment=config_dict.placeholder(tuple),
         mean=config_dict.placeholder(tuple), std=config_dict.placeholder(tuple),
     ))
+    c.mix = _mix_defaults()
     c.batch = 512
     c.batch_eval = 512
     c.shuffle_buffer = 10_000
@@ -98,6 +104,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpoints = True
     return c
+
+
+def _mix_defaults() -> ml_collections.ConfigDict:
+    """`config.mix`: the fields of `mix.MixConfig` with its defaults (everything off)."""
+    section = ml_collections.ConfigDict()
+    for field in dataclasses.fields(mix.MixConfig):
+        if field.default is None:  # a (low, high) pair, unset
+            section[field.name] = config_dict.placeholder(tuple)
+        else:
+            section[field.name] = field.default
+    return section
 
 
 def b16_transfer_config(dataset: str) -> ml_collections.ConfigDict:
@@ -220,6 +237,15 @@ def validate(config, *, num_devices: int | None = None, process_count: int = 1) 
           f"token_mixing {config.token_mixing!r} is not auto/block_diagonal/resample/reinit")
     check(not config.model_or_filename or config.pretrained_dir is not None,
           "model_or_filename needs pretrained_dir")
+    # Mixed-sample augmentation (`mixer_jax.mix`): config.mix, and the host-side pp.mixup's end.
+    if "mixup" in config.pp:
+        problems[:] = [p for p in problems if not p.startswith("unknown key pp.mixup")]
+        problems.append(f"pp.mixup is no longer read: mixing runs in the training step on the "
+                        f"devices; set mix.mixup_alpha={config.pp.mixup} instead")
+    mix_fields = {f.name for f in dataclasses.fields(mix.MixConfig)}
+    problems += mix.MixConfig.from_config(
+        {k: v for k, v in config.mix.items() if k in mix_fields}).problems(
+            _patch_size(config), config.pp.crop)
     if problems:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -232,6 +258,16 @@ def preprocessing(config) -> models.Preprocessing:
         std=tuple(pp.std) if pp.get("std") else default.std,
         input_size=pp.crop, crop_pct=pp.crop / pp.resize if pp.get("resize") else 1.0,
         interpolation="bilinear")
+
+
+def _patch_size(config) -> int | None:
+    """The model's patch size, for families that have one (None otherwise)."""
+    try:
+        variant = models.get_family(config.model_name).variants.get(
+            models.registry.canonical_name(config.model_name), {})
+    except ValueError:
+        variant = {}
+    return config.model.get("patch_size") or variant.get("patch_size")
 
 
 def _image_size_problems(config) -> list[str]:

@@ -1,4 +1,4 @@
-"""Augmentations: each RandAugment op against PIL or geometry, inception crop, mixup."""
+"""Augmentations: each RandAugment op against PIL or geometry, inception crop."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -158,7 +158,7 @@ def test_randaugment_rejects_float_images():
         augment.randaugment(tf.zeros([4, 4, 3]), seed(0), 2, 10)
 
 
-# --- Inception crop, mixup --------------------------------------------------------------
+# --- Inception crop ---------------------------------------------------------------------
 
 
 def test_inception_crop_cuts_a_random_box_of_5_to_100_percent_area():
@@ -174,23 +174,3 @@ def test_inception_crop_cuts_a_random_box_of_5_to_100_percent_area():
         np.testing.assert_array_equal(crop, augment.inception_crop(tf.constant(image), seed(i)))
         boxes.add((y0, x0, h, w))
     assert len(boxes) >= 15
-
-
-def test_mixup_mixes_neighbours_with_one_beta_weight():
-    images = tf.constant(np.random.RandomState(4).rand(6, 3, 3, 3), tf.float32)
-    labels = tf.one_hot([0, 1, 2, 3, 4, 5], 6)
-    lams = []
-    for i in range(200):
-        out = augment.mixup({"image": images, "label": labels, "mask": tf.ones(6)}, seed(i), 0.5)
-        lam = float(out["label"][0, 0])  # example 0 keeps lam of label 0, gets 1-lam of label 5
-        np.testing.assert_allclose(out["label"][0, 5], 1 - lam, rtol=1e-5)
-        want = lam * images + (1 - lam) * tf.roll(images, 1, axis=0)
-        np.testing.assert_allclose(out["image"], want, rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(out["mask"], 1)
-        lams.append(lam)
-    lams = np.array(lams)
-    assert ((0 <= lams) & (lams <= 1)).all()
-    assert abs(lams.mean() - 0.5) < 0.07  # Beta(a, a) is symmetric about 1/2
-    assert abs(lams.var() - 1 / 8) < 0.03  # variance 1 / (4 (2a + 1)) for a = 0.5
-    again = augment.mixup({"image": images, "label": labels}, seed(3), 0.5)
-    np.testing.assert_allclose(again["label"][0, 0], np.array(lams[3]), rtol=1e-6)

@@ -220,7 +220,7 @@ def get_config():
         "dataset": "sklearn_digits", "tfds_data_dir": %r, "batch": 16,
         "shuffle_buffer": 64, "seed": 0, "model_name": "Mixer-Ti_4",
         "pp": {"train": "train", "test": "test", "crop": 8, "resize": None,
-               "inception_crop": False, "flip": False, "randaugment": None, "mixup": 0.0},
+               "inception_crop": False, "flip": False, "randaugment": None},
     })
 """
 

@@ -67,7 +67,7 @@ def test_imagenet_config_is_the_papers_pretraining_recipe():
     assert (c.base_lr, c.weight_decay, c.batch, c.warmup_steps, c.decay_type) == (
         1e-3, 0.1, 4096, 10_000, "linear")
     assert c.total_steps * c.batch == pytest.approx(300 * 1_281_167, rel=1e-3)  # 300 epochs
-    assert (tuple(c.pp.randaugment), c.pp.mixup, c.model.stoch_depth) == ((2, 15), 0.5, 0.1)
+    assert (tuple(c.pp.randaugment), c.mix.mixup_alpha, c.model.stoch_depth) == ((2, 15), 0.5, 0.1)
     assert c.grad_norm_clip == 1.0 and c.model_or_filename is None
 
 

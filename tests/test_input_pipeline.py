@@ -17,7 +17,7 @@ from mixer_jax import sklearn_digits
 
 def make_config(dataset, data_dir=None, **overrides):
     pp = dict(train="train", test="test", crop=8, resize=None, inception_crop=False,
-              flip=False, randaugment=None, mixup=0.0)
+              flip=False, randaugment=None)
     pp.update(overrides.pop("pp", {}))
     config = dict(dataset=str(dataset), tfds_data_dir=data_dir, tfds_manual_dir=None, pp=pp,
                   batch=8, batch_eval=8, shuffle_buffer=64, seed=0)
@@ -137,13 +137,6 @@ def test_train_batches_are_host_local_one_hot_and_in_range(tfds_dir):
         np.testing.assert_array_equal(np.sum(batch["label"], axis=1), 1)
 
 
-def test_mixup_gives_soft_labels_summing_to_one(tfds_dir):
-    config = make_config("sklearn_digits", tfds_dir, pp={"mixup": 1.0})
-    labels = np.concatenate([b["label"] for b in ip.train_dataset(config).take(4)])
-    np.testing.assert_allclose(labels.sum(axis=1), 1, rtol=1e-6)
-    assert ((labels > 0.01) & (labels < 0.99)).any()
-
-
 def _stream_ids(config, num_batches, **kw):
     return [
         image_ids(b["image"]) for b in ip.train_dataset(config, **kw).take(num_batches)
@@ -179,7 +172,7 @@ def test_resume_continues_exactly_across_epoch_boundaries(tfds_dir):
     config = make_config(
         "sklearn_digits", tfds_dir,
         pp={"train": "train[:37]", "crop": 8, "inception_crop": True, "flip": True,
-            "randaugment": (2, 15), "mixup": 0.5},
+            "randaugment": (2, 15)},
     )
     reference = list(ip.train_dataset(config).take(11))
     for start in (4, 9):

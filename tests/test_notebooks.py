@@ -45,6 +45,14 @@ assert templates.shape == (arch.tokens_mlp_dim, *grid)
 assert len(stats) == arch.num_blocks
 assert set(features) >= {"stem", "block_0", "pre_logits"}
 """,
+    "mixing.ipynb": """
+assert set(results) == set(mix.METHODS)
+for method, (mixed, soft, lam, mask) in results.items():
+    assert mixed.shape == images.shape and np.isfinite(mixed).all()
+    np.testing.assert_allclose(soft.sum(-1), 1, rtol=1e-6)
+    if method != "mixup":
+        np.testing.assert_array_equal(lam, mask.mean(axis=(1, 2)))
+""",
     "higher_resolution.ipynb": """
 assert tile_gap < 1e-4, tile_gap
 assert set(results) == {"block_diagonal", "reinit"} and len(rows) == 2

@@ -33,7 +33,8 @@ def tiny_config(data_dir, **changes):
     config.total_steps, config.warmup_steps = 30, 5
     config.batch, config.batch_eval = 32, 64  # 360 eval images: the last batch is padded
     config.progress_every, config.checkpoint_every, config.eval_every = 5, 10, 30
-    config.pp.mixup = 0.2
+    config.mix.mixup_alpha, config.mix.cutmix_alpha, config.mix.maskmix_alpha = 0.2, 1.0, 1.0
+    config.mix.mode, config.mix.label_smoothing = "pair", 0.1
     config.model.dropout, config.model.stoch_depth = 0.1, 0.1
     for key, value in changes.items():
         *parents, last = key.split("__")

@@ -7,6 +7,7 @@ Command line: `python -m mixer_jax.benchmark --help` (see `__main__.py`). Module
   measure   the dense-matmul ceiling and timed inference / training steps;
   sharding  per-device memory under data parallelism vs FSDP from abstract shapes;
   pipeline  images/s of the training input pipeline alone;
+  mixing    time of each mixed-sample augmentation method alone;
   report    readable tables.
 """
 from mixer_jax.benchmark.flops import forward_flops_terms, mixer_flops, model_flops, xla_flops

@@ -2,7 +2,7 @@
 
   python -m mixer_jax.benchmark --variant=Mixer-B_16 --batch=32 --dtype=float32 \\
       --mode=inference,train [--config=configs/x.py --mode=pipeline] \\
-      [--mode=sharding --mesh=8,64,256] [--json=results.json]
+      [--mode=sharding --mesh=8,64,256] [--mode=train,mix] [--json=results.json]
   python -m mixer_jax.benchmark --variant=Mixer-S_32 --batch=32 --mode=train \\
       --compare=timm [--compare_rounds=2] [--timm_model=mixer_s32_224]
 
@@ -11,7 +11,9 @@ Modes (comma-separated, run in this order):
   train      a full training step (loss, gradients, optimizer update) likewise;
   pipeline   `input_pipeline.train_dataset(--config)` alone, images/s on this host;
   sharding   per-device parameter/optimizer/step memory, data parallel vs FSDP, on
-             each mesh size of `--mesh` (simulated CPU devices; nothing allocated).
+             each mesh size of `--mesh` (simulated CPU devices; nothing allocated);
+  mix        each mixed-sample augmentation method alone (`mixer_jax.mix`, `--mix_mode`)
+             on the per-device batch; with `train`, also as a fraction of its step.
 `--batch` is always the per-device batch; `--microbatch` computes it in pieces
 (inference via `steps.forward`, training via gradient accumulation: the same
 update). Without `--ceiling=false`, the dense-matmul ceiling is measured in the
@@ -34,10 +36,10 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from mixer_jax import host_memory, models, parallel
-from mixer_jax.benchmark import compare, measure, pipeline, report, sharding
+from mixer_jax import host_memory, mix, models, parallel
+from mixer_jax.benchmark import compare, measure, mixing, pipeline, report, sharding
 
-MODES = ("inference", "train", "pipeline", "sharding")
+MODES = ("inference", "train", "pipeline", "sharding", "mix")
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
@@ -84,6 +86,8 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
                       "fast for deep models; memory is the same).", flag_values=fv)
     flags.DEFINE_integer("pipeline_batches", 20, "Timed batches in pipeline mode.",
                          flag_values=fv)
+    flags.DEFINE_enum("mix_mode", "batch", list(mix.MODES), "config.mix.mode timed by "
+                      "--mode=mix.", flag_values=fv)
     flags.DEFINE_string("json", None, "Also write all results as JSON to this path "
                         "('-': stdout instead of the tables).", flag_values=fv)
     config_flags.DEFINE_config_file("config", None, "Training config (needed for "
@@ -117,7 +121,7 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
         return fv.batch or (max(1, config.batch // devices) if config else 32)
 
     results: dict[str, Any] = {"environment": environment(), "runs": [], "sharding": [],
-                               "pipeline": [], "compare": []}
+                               "pipeline": [], "mix": [], "compare": []}
     sizes = (tuple(int(s) for s in fv.ceiling_sizes) or None) if fv.ceiling else ()
     for mode in (m for m in modes if m in ("inference", "train") and fv.compare):
         results["compare"].append(compare.compare_timm(
@@ -130,6 +134,10 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
             image_size=image_size, steps=fv.steps, scan=fv.scan, remat=fv.remat,
             optimizer=fv.optimizer, microbatch=fv.microbatch, statistic=fv.statistic,
             ceiling_sizes=sizes))
+    if "mix" in modes:
+        results["mix"] = mixing.benchmark_mixing(
+            variant, batch=per_device_batch(jax.device_count()), image_size=image_size,
+            steps=fv.steps, mode=fv.mix_mode, statistic=fv.statistic)
     if "pipeline" in modes:
         results["pipeline"].append(pipeline.benchmark_pipeline(
             config, batches=fv.pipeline_batches))
@@ -157,6 +165,10 @@ def format_results(results: dict[str, Any]) -> str:
     if results.get("compare"):
         parts.append("side by side with timm (each in its own process, alternately; "
                      "medians):\n" + report.compare_table(results["compare"]))
+    if results.get("mix"):
+        train = [r for r in results["runs"] if r["mode"] == "train"]
+        parts.append("mixed-sample augmentation, each method alone:\n" + report.mix_table(
+            results["mix"], train[0]["step_s"] if train else None))
     if results["pipeline"]:
         parts.append("input pipeline (training preprocessing, this host):\n"
                      + report.pipeline_table(results["pipeline"]))

@@ -82,3 +82,11 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
                             f"{r['mixer_jax_images_per_s']:.1f}", f"{r['timm_images_per_s']:.1f}",
                             f"{r['ratio']:.2f}x", f"{r['steps']} x {r['rounds']}"]
                            for r in rows])
+
+
+def mix_table(rows: list[dict[str, Any]], train_step_s: float | None) -> str:
+    """Time per call of each mixing method, and its share of a training step if given."""
+    headers = ["method", "variant", "batch", "mode", "ms", "of train step"]
+    return table(headers, [
+        [r["method"], r["variant"], r["batch"], r["mode"], f"{1e3 * r['step_s']:.2f}",
+         f"{r['step_s'] / train_step_s:.2%}" if train_step_s else "-"] for r in rows])
