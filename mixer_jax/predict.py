@@ -12,7 +12,10 @@ expect (the preprocessing stored with a run's checkpoint, else the family's
 default; Mixer: shorter side resized to crop * 256/224, centre crop, values in
 [-1, 1]; `input_pipeline.preprocess_for_eval`). Files are read in parallel and run in
 batches of `--batch`. An unreadable file is reported and skipped; the exit
-status is then 1.
+status is then 1. Class names: `--labels`, else those a training run stored with
+its checkpoints (folder names, tfds label names), else ImageNet-1k's for a
+1000-class head. A bad checkpoint or flag prints one line and exits with status 2
+(`mixer_jax.cli`).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from etils import epath
 from flax.traverse_util import flatten_dict, unflatten_dict
 from PIL import Image, ImageOps
 
-from mixer_jax import finetune, host_memory, input_pipeline, labels, models, steps
+from mixer_jax import cli, finetune, host_memory, input_pipeline, labels, models, steps
 from mixer_jax.errors import UserError
 
 
@@ -232,8 +235,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("variant", None, "Expected variant, e.g. Mixer-B_16 (checked "
                         "against the file; read from it when omitted).", flag_values=fv)
     flags.DEFINE_string("labels", None, "Class names: imagenet2012, a tfds dataset name, an "
-                        "image folder, or a text file (default: ImageNet-1k names for a "
-                        "1000-class head).", flag_values=fv)
+                        "image folder, or a text file (default: the names a training run "
+                        "stored with its checkpoints, else ImageNet-1k names for a 1000-class "
+                        "head).", flag_values=fv)
     flags.DEFINE_string("tfds_data_dir", None, "tfds data dir for --labels.", flag_values=fv)
     flags.DEFINE_integer("top_k", 5, "Classes shown per image.", flag_values=fv)
     flags.DEFINE_integer("batch", 32, "Images per model call.", flag_values=fv)
@@ -257,12 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     if {"-h", "--help", "--helpfull"} & set(argv[1:]):
         print(__doc__ + "\nFlags:\n" + fv.get_help())
         return 0
-    files = fv(argv)[1:]
+    files = cli.parse_flags(argv, fv)[1:]
     if not files:
         raise PredictError("No image files given.")
     loaded = load_model(fv.checkpoint, variant=fv.variant, image_size=fv.image_size,
                         dtype=jnp.dtype(fv.dtype))
-    names = labels.label_names(fv.labels, loaded.model.num_classes, data_dir=fv.tfds_data_dir)
+    names = (labels.label_names(fv.labels, loaded.model.num_classes, data_dir=fv.tfds_data_dir)
+             if fv.labels else labels.checkpoint_names(fv.checkpoint, loaded.model.num_classes))
     if names is None:
         print(f"(no class names known for {fv.labels or 'this checkpoint'}'s "
               f"{loaded.model.num_classes} classes; --labels=<names.txt> gives them)",
@@ -276,7 +281,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     host_memory.retain_freed_memory()
-    try:
-        sys.exit(main())
-    except (ValueError, flags.Error) as e:  # PredictError, CheckpointError, bad flags
-        sys.exit(f"error: {e}")
+    cli.run(lambda argv: main(argv[1:]))

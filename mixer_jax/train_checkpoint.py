@@ -3,8 +3,9 @@
 Layout, in `<workdir>/checkpoints/<step>/` (one directory per saved step):
   params/  the model parameters (the model's own layout, per-block or scanned);
   train/   {'step', 'opt_state', 'rng'}: the rest of the TrainState;
-  meta/    JSON: {'step', 'config'} (the config the run used), 'model_name' and
-           'preprocessing' (what the weights expect: `models.Preprocessing` fields).
+  meta/    JSON: {'step', 'config', 'class_names'} (the config the run used, and the
+           names of its classes when the dataset has them: `predict` shows them), 'model_name'
+           and 'preprocessing' (what the weights expect: `models.Preprocessing` fields).
 The data position is the step: `input_pipeline.train_dataset(config, start_step=step)`
 yields exactly the batches an uninterrupted run sees from there on.
 
@@ -31,6 +32,7 @@ class TrainCheckpointer:
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
         self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+        self.class_names: list[str] | None = None  # stored with every step (set by train)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -48,6 +50,8 @@ class TrainCheckpointer:
     def save(self, step: int, state, config=None) -> None:
         """Starts saving `state` (a saveable TrainState) as `step`; returns before it is written."""
         meta = {"step": int(step), "config": jsonable_config(config)}
+        if self.class_names is not None:
+            meta["class_names"] = list(self.class_names)
         if config is not None and config.get("model_name") and config.get("pp"):
             # what `predict` and later fine-tuning need to use the weights
             meta.update(run_meta(config))
@@ -118,15 +122,6 @@ def run_meta(config) -> dict:
             "preprocessing": dataclasses.asdict(train_config.preprocessing(config))}
 
 
-def read_meta(path: str, step: int | None = None) -> dict | None:
-    """The JSON meta of a checkpoint (see the module docstring), or None if it has none."""
-    root, step = find_checkpoint(path, step)
-    meta_dir = root / str(step) / "meta"
-    if not meta_dir.is_dir():
-        return None
-    return ocp.JsonCheckpointHandler().restore(meta_dir, args=ocp.args.JsonRestore())
-
-
 def find_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int]:
     """Resolves a workdir, a checkpoints directory or a step directory to (root, step).
 
@@ -148,6 +143,14 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int
     if step not in steps:
         raise FileNotFoundError(f"No checkpoint of step {step} in {root}; it has {sorted(steps)}.")
     return root, step
+
+
+def read_meta(path: str, step: int | None = None) -> dict:
+    """The `meta` JSON of a checkpoint (workdir, checkpoints or step directory; latest step
+    unless `step`), or {} for one written without it (e.g. by `convert npz-to-orbax`)."""
+    root, step = find_checkpoint(path, step)
+    file = root / str(step) / "meta" / "metadata"
+    return json.loads(file.read_text()) if file.exists() else {}
 
 
 def stored_params_shapes(path: str, step: int | None = None) -> dict:

@@ -5,6 +5,9 @@ The MLP-Mixer names of the earlier single-module API stay here unchanged.
 """
 from mixer_jax.models import mixer  # noqa: F401  (registers the family)
 from mixer_jax.models import gmixer  # noqa: F401  (registers the family)
+from mixer_jax.models import resmlp  # noqa: F401  (registers the family)
+from mixer_jax.models import gmlp  # noqa: F401  (registers the family)
+from mixer_jax.models import sequencer  # noqa: F401  (registers the family)
 from mixer_jax.models.layers import drop_path
 from mixer_jax.models.mixer import (BLOCK_PREFIX, MODEL_FIELDS, SCANNED_BLOCKS, VARIANTS,
                                     MixerBlock, MlpBlock, MlpMixer, stack_blocks,
