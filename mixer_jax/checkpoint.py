@@ -1,4 +1,4 @@
-"""Published-format `.npz` checkpoints: reading, writing, and preparing for fine-tuning.
+"""Published-format `.npz` checkpoints: reading and writing (fine-tuning: `mixer_jax.finetune`).
 
 File format (Google's `gs://mixer_models/...` files): a flat, uncompressed npz of
 float arrays whose keys join the Flax parameter path with "/" (never the OS path
@@ -17,11 +17,8 @@ the key, the shapes involved and the likely cause.
 Public API:
 - `load_npz(path)`: nested numpy parameters in the per-block Linen layout.
 - `save_npz(params, path)`: writes the published layout, atomically.
-- `load_pretrained(source, init_params, ...)`: parameters for a new model
-  (head reset, token-mixing adapted to a new image size, see `mixer_jax.resolution`).
-- `adapted_model_overrides(source, image_size)`: the model fields a file needs at a
-  given image size (e.g. the widened `tokens_mlp_dim` of the block-diagonal method).
-- `architecture(source)`: what a file (or parameter tree) is, e.g. "Mixer-B_16".
+- `architecture(source)`: what a Mixer file (or parameter tree) is, e.g. "Mixer-B_16".
+- `load_pretrained`, `adapted_model_overrides`: re-exported from `mixer_jax.finetune`.
 """
 from __future__ import annotations
 
@@ -42,7 +39,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from mixer_jax import models, resolution
+from mixer_jax import models
 from mixer_jax.errors import UserError
 
 PathLike = str | os.PathLike
@@ -50,9 +47,7 @@ Params = Mapping[str, Any]
 ImageSize = int | tuple[int, int]
 
 SEP = "/"
-TOKEN_MIXING_METHODS = ("auto", "block_diagonal", "resample", "reinit")
 _HEAD = "head" + SEP
-_TOKEN_MIXING = re.compile(rf"^{models.BLOCK_PREFIX}(\d+)/token_mixing/")
 _BLOCK = re.compile(rf"^{models.BLOCK_PREFIX}(\d+)/")
 
 _log = logging.getLogger(__name__)
@@ -438,6 +433,8 @@ def save_npz(params: Params, path: PathLike) -> str:
 
 
 # ------------------------------------------------------------------------ fine-tuning
+# Fine-tuning adaptation lives in `mixer_jax.finetune` (any registered family); these
+# names stay importable from here.
 
 
 def _flat_source(source: PathLike | Params,
@@ -451,270 +448,8 @@ def _flat_source(source: PathLike | Params,
     return flatten_params(load_npz(path)), repr(path)
 
 
-def _image_grid(image_size: ImageSize, patch_size: int) -> resolution.Grid:
-    """The (rows, columns) patch grid of an image size (int for square images)."""
-    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    if height % patch_size or width % patch_size:
-        raise CheckpointError(f"Image size {height}x{width} is not a multiple of the patch "
-                              f"size {patch_size}.")
-    return height // patch_size, width // patch_size
-
-
-def _grid(image_size: ImageSize | None, patch_size: int, num_tokens: int,
-          what: str) -> resolution.Grid:
-    """Patch grid from an image size, or the square grid of `num_tokens`."""
-    if image_size is None:
-        try:
-            return resolution.square_grid(num_tokens)
-        except ValueError:
-            raise CheckpointError(
-                f"{what} has {num_tokens} tokens, not a square patch grid; pass its image "
-                "size (height, width)."
-            ) from None
-    grid = _image_grid(image_size, patch_size)
-    if grid[0] * grid[1] != num_tokens:
-        raise CheckpointError(
-            f"{what} has {num_tokens} tokens, but an image of size {image_size} has "
-            f"{grid[0]}x{grid[1]} = {grid[0] * grid[1]} patches of {patch_size} pixels."
-        )
-    return grid
-
-
-@dataclasses.dataclass(frozen=True)
-class _TokenMixingPlan:
-    method: str  # copy | block_diagonal | resample | reinit
-    source_grid: resolution.Grid | None = None
-    target_grid: resolution.Grid | None = None
-    tokens_mlp_dim: int | None = None  # what the model needs; None: any (reinit)
-
-
-def _plan_token_mixing(method: str, file: Architecture, source_image_size,
-                       target_grid_of) -> _TokenMixingPlan:
-    """Chooses how the token-mixing MLPs are carried over (see `load_pretrained`)."""
-    if method not in TOKEN_MIXING_METHODS:
-        raise ValueError(f"token_mixing must be one of {TOKEN_MIXING_METHODS}, got {method!r}.")
-    if method == "reinit":
-        return _TokenMixingPlan("reinit")
-    source = _grid(source_image_size, file.patch_size, file.num_tokens, "The file")
-    target = target_grid_of(source)
-    factors = resolution.tile_factors(source, target)
-    if method == "auto":
-        method = "copy" if source == target else "block_diagonal" if factors else "resample"
-    if method == "block_diagonal" and factors is None:
-        raise CheckpointError(
-            f"Block-diagonal adaptation needs a patch grid larger by integer factors; the "
-            f"file's grid is {source[0]}x{source[1]}, the model's {target[0]}x{target[1]}. "
-            "Use token_mixing='resample'."
-        )
-    tiles = factors[0] * factors[1] if method == "block_diagonal" else 1
-    return _TokenMixingPlan(method, source, target, file.tokens_mlp_dim * tiles)
-
-
-def adapted_model_overrides(source: PathLike | Params, image_size: ImageSize, *,
-                            token_mixing: str = "auto",
-                            source_image_size: ImageSize | None = None) -> dict[str, int]:
-    """The `MlpMixer` architecture fields for fine-tuning `source` at `image_size`.
-
-    E.g. a Mixer-B_16 file at image_size=448 (integer factor 2, block-diagonal
-    method) needs tokens_mlp_dim = 4 * 384. Use as
-    `models.create_model(variant, num_classes=..., **adapted_model_overrides(path, 448))`.
-    `token_mixing` and `source_image_size` as in `load_pretrained`.
-    """
-    flat, name = _flat_source(source)
-    file = _describe(flat, name)
-    grid = _image_grid(image_size, file.patch_size)
-    plan = _plan_token_mixing(token_mixing, file, source_image_size, lambda _: grid)
-    fields = file.model_fields()
-    fields["tokens_mlp_dim"] = plan.tokens_mlp_dim or file.tokens_mlp_dim
-    return fields
-
-
-def _check_variant(file_flat, model_flat, file: Architecture, model: Architecture, name: str):
-    """Same stem, blocks and channel MLPs, or an error saying which variant is which."""
-    fields = ("patch_size", "num_blocks", "hidden_dim", "channels_mlp_dim")
-    differences = [f"{f} {getattr(file, f)} vs {getattr(model, f)}"
-                   for f in fields if getattr(file, f) != getattr(model, f)]
-    if not differences:
-        return
-    fixed = lambda k: not (k.startswith(_HEAD) or _TOKEN_MIXING.match(k))
-    # The stem kernel first: its shape alone tells patch size and width apart.
-    keys = sorted(model_flat, key=lambda k: k != "stem/kernel")
-    mismatch = next((f"{k!r} has shape {tuple(file_flat[k].shape)} in the file, the model "
-                     f"expects {tuple(model_flat[k].shape)}" for k in keys
-                     if fixed(k) and k in file_flat and file_flat[k].shape != model_flat[k].shape),
-                    None)
-    mismatch = mismatch or next(
-        (f"{k!r} (shape {tuple(model_flat[k].shape)}) is missing from the file" for k in keys
-         if fixed(k) and k not in file_flat), None)
-    mismatch = mismatch or next(
-        (f"{k!r} is in the file but not in the model" for k in file_flat
-         if fixed(k) and k not in model_flat), "the shapes differ")
-    raise CheckpointError(
-        f"{name} does not fit the model: {mismatch}. This file is {file.name}, the model is "
-        f"{model.name} (file vs model: {', '.join(differences)}). Build the model with the "
-        "file's architecture or load a checkpoint of the model's variant."
-    )
-
-
-def _head_from_file(file_flat, model_flat, reset_head: bool | None, name: str) -> bool:
-    kernel = _HEAD + "kernel"
-    if kernel not in model_flat or kernel not in file_flat or reset_head:
-        return False
-    if file_flat[kernel].shape == model_flat[kernel].shape:
-        return True
-    if reset_head is None:
-        _log.info("Replacing the head: %d classes in %s, %d in the model.",
-                  file_flat[kernel].shape[-1], name, model_flat[kernel].shape[-1])
-        return False
-    raise CheckpointError(
-        f"{kernel!r}: the model expects shape {tuple(model_flat[kernel].shape)}, {name} has "
-        f"{tuple(file_flat[kernel].shape)}: the file has a {file_flat[kernel].shape[-1]}-class "
-        f"head, the model {model_flat[kernel].shape[-1]} classes. Pass reset_head=None or True "
-        "to start from the model's own head."
-    )
-
-
-def _check_token_mixing_width(plan: _TokenMixingPlan, file: Architecture, model: Architecture,
-                              model_flat, file_flat, name: str):
-    if plan.tokens_mlp_dim in (None, model.tokens_mlp_dim):
-        return
-    key = f"{models.BLOCK_PREFIX}0/token_mixing/Dense_0/kernel"
-    (h, w), (big_h, big_w) = plan.source_grid, plan.target_grid
-    if plan.method == "copy":
-        cause = (f"the token MLP widths differ: this file is {file.name}, the model is "
-                 f"{model.name}. Build the model with tokens_mlp_dim={plan.tokens_mlp_dim}.")
-    else:
-        cause = (
-            f"the file was trained on a {h}x{w} patch grid and the model uses {big_h}x{big_w}; "
-            f"the {plan.method} method needs tokens_mlp_dim={plan.tokens_mlp_dim} (the model "
-            f"has {model.tokens_mlp_dim}). Build the model with create_model(..., "
-            "**checkpoint.adapted_model_overrides(path, image_size, "
-            f"token_mixing={plan.method!r}))"
-            + (" or pass token_mixing='resample' to keep tokens_mlp_dim."
-               if plan.method == "block_diagonal" else ".")
-        )
-    raise CheckpointError(
-        f"{key!r}: the model expects shape {tuple(model_flat[key].shape)}, {name} has "
-        f"{tuple(file_flat[key].shape)}: {cause}"
-    )
-
-
-def _check_keys(file_flat, model_flat, take_from_file, name: str):
-    """Every key the model takes from the file exists there with the model's shape."""
-    for key, value in model_flat.items():
-        if not take_from_file(key):
-            continue
-        if key not in file_flat:
-            raise CheckpointError(f"{name} has no {key!r} (the model expects shape "
-                                  f"{tuple(value.shape)}): the file is incomplete or comes "
-                                  "from a different model definition.")
-        if not _TOKEN_MIXING.match(key) and file_flat[key].shape != value.shape:
-            raise CheckpointError(f"{key!r}: the model expects shape {tuple(value.shape)}, "
-                                  f"{name} has {tuple(file_flat[key].shape)}: the file comes "
-                                  "from a different model definition.")
-    for key in file_flat:
-        if key not in model_flat and not key.startswith(_HEAD):
-            raise CheckpointError(
-                f"{name} has {key!r} (shape {tuple(file_flat[key].shape)}), which the model "
-                "does not have: the file comes from a different model definition."
-            )
-
-
-def _adapt_token_mixing(file_flat, plan: _TokenMixingPlan, file: Architecture,
-                        name: str) -> dict[str, Any]:
-    adapt = {"block_diagonal": resolution.block_diagonal, "resample": resolution.resample}
-    tokens, width = file.num_tokens, file.tokens_mlp_dim
-    shapes = {"Dense_0/kernel": (tokens, width), "Dense_0/bias": (width,),
-              "Dense_1/kernel": (width, tokens), "Dense_1/bias": (tokens,)}
-    out = {}
-    for i in range(file.num_blocks):
-        prefix = f"{models.BLOCK_PREFIX}{i}/token_mixing/"
-        for key, shape in shapes.items():
-            if file_flat[prefix + key].shape != shape:
-                raise CheckpointError(
-                    f"{name}: {prefix + key!r} has shape {tuple(file_flat[prefix + key].shape)}, "
-                    f"inconsistent with {models.BLOCK_PREFIX}0's token MLP ({tokens} tokens, "
-                    f"width {width}, so {shape}): the file is corrupt or was edited."
-                )
-        mlp = unflatten_params({k[len(prefix):]: np.asarray(v) for k, v in file_flat.items()
-                                if k.startswith(prefix)})
-        if plan.method in adapt:
-            mlp = adapt[plan.method](mlp, plan.source_grid, plan.target_grid)
-        out.update({prefix + k: v for k, v in traverse_util.flatten_dict(mlp, sep=SEP).items()})
-    return out
-
-
-def load_pretrained(source: PathLike | Params, init_params: Params, *,
-                    reset_head: bool | None = None, token_mixing: str = "auto",
-                    image_size: ImageSize | None = None,
-                    source_image_size: ImageSize | None = None,
-                    source_name: str | None = None) -> dict:
-    """Parameters for a new model, from a pre-trained `.npz` (or an already loaded tree).
-
-    Args:
-      source: path of a published-format `.npz` (either layout, local or gs://),
-        or a nested parameter dict.
-      init_params: the new model's freshly initialised parameters, per-block or
-        scanned layout. The result has exactly their structure, shapes and dtypes
-        (numpy arrays on the host; place them on devices yourself).
-      reset_head: None (default): keep the file's head if its class count matches
-        the model's, else take the model's head from `init_params`. True: always
-        take the model's head. False: require the file's head to fit. A model
-        without a head (`num_classes=None`) ignores the file's head.
-      token_mixing: how the token-mixing MLPs are carried over when the patch grid
-        differs (see `mixer_jax.resolution` for both schemes):
-        "auto" (default): unchanged grid -> copied; grid larger by integer factors
-          (e.g. 224 -> 448) -> "block_diagonal"; any other grid -> "resample".
-        "block_diagonal": the paper's method; the model must be built with
-          tokens_mlp_dim = kh*kw * the file's (see `adapted_model_overrides`).
-        "resample": resize the kernels over the patch grid; tokens_mlp_dim unchanged.
-        "reinit": keep `init_params`' token-mixing MLPs (everything else loaded).
-      image_size: the new model's image size (int or (height, width)); only needed
-        when its patch grid is not square. Default: square grid from init_params.
-      source_image_size: the pre-training image size, if not square.
-      source_name: where an already loaded `source` tree came from (its path), for the
-        log and error messages.
-
-    Raises:
-      CheckpointError naming the key, expected and found shapes and the likely
-      cause (e.g. "this file is Mixer-L_16, the model is Mixer-B_16") for any
-      mismatch other than those adapted above.
-    """
-    if set(init_params) == {"params"}:  # a Flax variables dict: answer in kind
-        return {"params": load_pretrained(
-            source, init_params["params"], reset_head=reset_head, token_mixing=token_mixing,
-            image_size=image_size, source_image_size=source_image_size,
-            source_name=source_name)}
-    file_flat, name = _flat_source(source, source_name)
-    model_flat = flatten_params(init_params)
-    file, model = _describe(file_flat, name), _describe(model_flat, "The model")
-    _check_variant(file_flat, model_flat, file, model, name)
-
-    target_grid_of = lambda src: (src if model.num_tokens == file.num_tokens and image_size is None
-                                  else _grid(image_size, model.patch_size, model.num_tokens,
-                                             "The model"))
-    plan = _plan_token_mixing(token_mixing, file, source_image_size, target_grid_of)
-    _check_token_mixing_width(plan, file, model, model_flat, file_flat, name)
-    head_from_file = _head_from_file(file_flat, model_flat, reset_head, name)
-
-    def take_from_file(key: str) -> bool:
-        if key.startswith(_HEAD):
-            return head_from_file
-        return plan.method != "reinit" or not _TOKEN_MIXING.match(key)
-
-    _check_keys(file_flat, model_flat, take_from_file, name)
-    adapted = {} if plan.method == "reinit" else _adapt_token_mixing(file_flat, plan, file, name)
-    _log.info("Loaded %s into a %s model (head %s, token mixing: %s).", name, model.name,
-              "from the file" if head_from_file else "from init_params", plan.method)
-
-    out = {}
-    for key, init in model_flat.items():
-        value = adapted.get(key, file_flat.get(key)) if take_from_file(key) else init
-        out[key] = np.asarray(jax.device_get(value)).astype(init.dtype, copy=False)
-    params = unflatten_params(out)
-    if models.SCANNED_BLOCKS in init_params:
-        params = jax.device_get(models.stack_blocks(params))
-    return params
+from mixer_jax.finetune import (TOKEN_MIXING_METHODS, adapted_model_overrides,  # noqa: E402
+                                load_pretrained)
 
 
 # timm's formats live in `mixer_jax.timm_weights` (which uses this module); re-exported

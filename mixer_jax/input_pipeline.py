@@ -191,7 +191,7 @@ def train_dataset(
         image = preprocess_for_train(
             source.decode(record["image"]), seed, crop=crop,
             inception_crop=bool(pp.get("inception_crop")), flip=bool(pp.get("flip")),
-            randaugment=randaugment,
+            randaugment=randaugment, **_statistics(pp),
         )
         return {"image": image, "label": tf.one_hot(record["label"], source.num_classes)}
 
@@ -228,7 +228,8 @@ def eval_dataset(
     @tf.autograph.experimental.do_not_convert
     def make_example(record):
         return {
-            "image": preprocess_for_eval(source.decode(record["image"]), crop, resize),
+            "image": preprocess_for_eval(source.decode(record["image"]), crop, resize,
+                                         **_statistics(pp)),
             "label": tf.one_hot(record["label"], source.num_classes),
             "mask": tf.constant(1.0),
         }
@@ -246,8 +247,10 @@ def eval_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def preprocess_for_eval(image, crop: int, resize: int | None = None) -> tf.Tensor:
-    """One uint8 image [H, W] or [H, W, C] (C = 1..4) -> float32 [crop, crop, 3] in [-1, 1].
+def preprocess_for_eval(image, crop: int, resize: int | None = None, *, mean=None,
+                        std=None) -> tf.Tensor:
+    """One uint8 image [H, W] or [H, W, C] (C = 1..4) -> float32 [crop, crop, 3], normalised
+    by `mean`/`std` (default: [-1, 1]; see `_normalize`).
 
     With `resize`, the shorter side is resized to `resize` and the centre
     `crop` x `crop` cut out (the paper: 256 then 224); otherwise the whole
@@ -264,7 +267,7 @@ def preprocess_for_eval(image, crop: int, resize: int | None = None) -> tf.Tenso
         )
     else:
         image = _resize(image, [crop, crop])
-    return _normalize(image)
+    return _normalize(image, mean, std)
 
 
 def preprocess_for_train(
@@ -275,8 +278,11 @@ def preprocess_for_train(
     inception_crop: bool = False,
     flip: bool = False,
     randaugment: tuple[int, float] | None = None,
+    mean=None,
+    std=None,
 ) -> tf.Tensor:
-    """One uint8 RGB image -> augmented float32 [crop, crop, 3] in [-1, 1].
+    """One uint8 RGB image -> augmented float32 [crop, crop, 3], normalised by `mean`/`std`
+    (default: [-1, 1]; see `_normalize`).
 
     Inception crop (else the whole image), resize to `crop`, flip, RandAugment;
     every random choice derives from `seed` (shape [2] int).
@@ -293,7 +299,7 @@ def preprocess_for_train(
         num_layers, magnitude = randaugment
         image = augment.randaugment(augment.to_uint8(image), randaugment_seed, num_layers,
                                     magnitude)
-    return _normalize(image)
+    return _normalize(image, mean, std)
 
 
 def to_rgb(image) -> tf.Tensor:
@@ -324,9 +330,17 @@ def _resize_shorter_side(image: tf.Tensor, side: int) -> tf.Tensor:
     return _resize(image, size)
 
 
-def _normalize(image: tf.Tensor) -> tf.Tensor:
-    """0..255 -> [-1, 1], the range every published checkpoint expects."""
-    return tf.clip_by_value(tf.cast(image, tf.float32) / 127.5 - 1.0, -1.0, 1.0)
+def _normalize(image: tf.Tensor, mean=None, std=None) -> tf.Tensor:
+    """0..255 -> (pixel / 255 - mean) / std per channel (`Preprocessing` statistics, on a
+    0-1 scale). Without them, or with mean = std = 0.5: [-1, 1], the range of the
+    published Mixer checkpoints. Resizing may overshoot 0..255: values are clipped to
+    what an 8-bit image can give."""
+    image = tf.cast(image, tf.float32)
+    mean = (0.5,) * 3 if mean is None else tuple(mean)
+    std = (0.5,) * 3 if std is None else tuple(std)
+    if mean == std == (0.5,) * 3:
+        return tf.clip_by_value(image / 127.5 - 1.0, -1.0, 1.0)
+    return (tf.clip_by_value(image, 0.0, 255.0) / 255.0 - tf.constant(mean)) / tf.constant(std)
 
 
 # --- Seeds, hosts, splits -------------------------------------------------------
@@ -418,6 +432,11 @@ def _crop(pp) -> int:
     if crop <= 0:
         raise ValueError(f"pp.crop must be positive, got {crop}.")
     return crop
+
+
+def _statistics(pp) -> dict:
+    """`mean`/`std` keyword arguments of the preprocessing functions from `pp.mean`/`pp.std`."""
+    return {k: tuple(float(v) for v in pp[k]) if pp.get(k) else None for k in ("mean", "std")}
 
 
 def _randaugment_args(pp) -> tuple[int, float] | None:

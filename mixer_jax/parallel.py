@@ -9,16 +9,17 @@
 - 'fsdp': as 'data', but each parameter (and its optimizer state) is also
   split over 'data' along its largest divisible dimension, so every device
   stores 1/N of the model; arrays smaller than `config.fsdp_min_size`
-  elements stay replicated, and the token axis of token-mixing weights is
-  never split (see `_TOKEN_AXIS`).
-With `config.mesh_model = M > 1` (mesh strategies only) the hidden dimension
-of every token- and channel-mixing MLP is split over the 'model' axis
-(Megatron style: Dense_0's output and Dense_1's input).
+  elements stay replicated, and some logical axes are never split
+  (`_FSDP_NEVER`).
+With `config.mesh_model = M > 1` (mesh strategies only) every "mlp" / "heads"
+axis (the hidden width of an MLP, attention heads) is split over the 'model'
+axis (Megatron style: the first Dense's output and the second's input).
 
-Sharding is decided from parameter names and shapes alone (of
-`jax.eval_shape` of the init function), works for the per-block and the
-scanned layout (whose leading block axis is never split), and a dimension
-that does not divide the axis size is simply replicated. The state is then
+Sharding is decided from the logical axis names every family declares on its
+parameters (`models.param_axes`, names from `models.registry.AXES`) and their
+shapes, by the rules of `partition_spec`; no family's parameter names appear
+here. Optimizer-state leaves take the axes of the parameter they mirror. A
+dimension that does not divide the mesh axis is simply replicated. The state is then
 created directly in its sharding (`jit(init, out_shardings=...)`), so no host
 ever holds a whole large model.
 
@@ -49,15 +50,15 @@ DATA_AXIS, MODEL_AXIS = "data", "model"
 PMAP_AXIS = "batch"
 DEFAULT_FSDP_MIN_SIZE = 2**16  # elements; below this, sharding costs more than it saves
 
-_MLPS = ("token_mixing", "channel_mixing")
-# (layer, parameter) -> which dim (counted from the end) is the MLP hidden dim
-_HIDDEN_DIM = {("Dense_0", "kernel"): -1, ("Dense_0", "bias"): -1, ("Dense_1", "kernel"): -2}
-# (layer, parameter) -> the token axis (S, the number of patches) of token-mixing
-# weights, counted from the end. FSDP never splits it: XLA would then split the
-# activations by token, i.e. the images by space, and replicate whole batches to
-# get there (Mixer-H/14 on 256 devices: 2.4 TiB of temporaries per device
-# instead of 45 GiB).
-_TOKEN_AXIS = {("Dense_0", "kernel"): -2, ("Dense_1", "kernel"): -1, ("Dense_1", "bias"): -1}
+# Logical axes split over the 'model' mesh axis (Megatron style).
+_MODEL_AXES = ("mlp", "heads")
+# Logical axes FSDP never splits. "tokens": splitting a fixed token count (Mixer's
+# token MLP, ...) made XLA split the activations by token, i.e. the images by space,
+# and replicate whole batches to get there (Mixer-H/14 on 256 devices: 2.4 TiB of
+# temporaries per device instead of 45 GiB). "layers": the stacked block axis of
+# scanned layouts. "kernel"/"channels": a conv's spatial extent and a stem's 3 image
+# channels, too small to be worth it.
+_FSDP_NEVER = ("tokens", "layers", "kernel", "channels")
 
 
 # --------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def _path_names(path) -> tuple[str, ...]:
 
 
 def partition_spec(
-    names: tuple[str, ...],
+    axes: tuple[str | None, ...],
     shape: tuple[int, ...],
     *,
     data_size: int,
@@ -162,28 +163,39 @@ def partition_spec(
 ) -> P:
     """PartitionSpec of one parameter (or optimizer-state leaf shaped like it).
 
-    `names` is its path (e.g. ('params', 'MixerBlock_0', 'token_mixing',
-    'Dense_0', 'kernel')); only the names and the shape matter. FSDP splits
-    the largest free dimension that divides `data_size`, never the block axis
-    of the scanned layout nor the token axis of token-mixing weights.
+    `axes` are its logical axis names, one per dimension (e.g. ("tokens", "mlp")
+    for Mixer's first token-mixing kernel; see `models.param_axes`). With
+    `model_size > 1` the first "mlp"/"heads" axis that divides it goes to 'model';
+    FSDP splits the largest remaining dimension that divides `data_size`, never
+    one named in `_FSDP_NEVER`.
     """
+    if len(axes) != len(shape):
+        raise ValueError(f"{len(axes)} axis names {axes} for an array of shape {shape}.")
     spec: list[str | None] = [None] * len(shape)
-    first = 1 if models.SCANNED_BLOCKS in names else 0  # never split the block axis
-    if len(shape) <= first:
-        return P()
-    layer = tuple(names[-2:])
-    if model_size > 1 and any(m in names for m in _MLPS):
-        hidden = _HIDDEN_DIM.get(layer)
-        if hidden is not None and shape[hidden] % model_size == 0:
-            spec[len(shape) + hidden] = MODEL_AXIS
+    if model_size > 1:
+        split = next((d for d, name in enumerate(axes)
+                      if name in _MODEL_AXES and shape[d] % model_size == 0), None)
+        if split is not None:
+            spec[split] = MODEL_AXIS
     if fsdp and data_size > 1 and math.prod(shape) >= fsdp_min_size:
-        token = (len(shape) + _TOKEN_AXIS[layer]
-                 if "token_mixing" in names and layer in _TOKEN_AXIS else None)
-        free = [d for d in range(first, len(shape))
-                if spec[d] is None and d != token and shape[d] % data_size == 0]
+        free = [d for d in range(len(shape)) if spec[d] is None and axes[d] not in _FSDP_NEVER
+                and shape[d] % data_size == 0]
         if free:
             spec[max(free, key=lambda d: shape[d])] = DATA_AXIS
     return P(*spec)
+
+
+def leaf_axes(param_axes: Mapping[tuple[str, ...], tuple], names: tuple[str, ...],
+              ndim: int) -> tuple[str | None, ...]:
+    """The logical axes of a state leaf at path `names`: those of the parameter whose
+    path ends its path (optimizer state mirrors the parameters: ('opt_state', '1',
+    '0', 'trace', 'stem', 'kernel') is shaped like ('stem', 'kernel')); unnamed
+    axes for anything else (scalars, counters, RNG)."""
+    for start in range(len(names)):
+        axes = param_axes.get(names[start:])
+        if axes is not None and len(axes) == ndim:
+            return tuple(axes)
+    return (None,) * ndim
 
 
 # --------------------------------------------------------------------------
@@ -330,6 +342,10 @@ class MeshStrategy(Strategy):
         self.mesh, self.fsdp, self.fsdp_min_size = mesh, fsdp, fsdp_min_size
         super().__init__(model, tx, image_shape=image_shape, accum_steps=accum_steps,
                          mixer=mixer)
+        axes = models.param_axes(model, self.image_shape)
+        self._param_axes = {_path_names(path): names for path, names in
+                            jax.tree_util.tree_leaves_with_path(
+                                axes, is_leaf=lambda x: isinstance(x, tuple))}
         self.replicated = NamedSharding(mesh, P())
         self.batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
         self.state_sharding = jax.tree.map(lambda leaf: leaf.sharding, self.abstract_state())
@@ -366,7 +382,7 @@ class MeshStrategy(Strategy):
         if names[0] not in ("params", "opt_state"):
             return NamedSharding(self.mesh, P())
         return NamedSharding(self.mesh, partition_spec(
-            names, leaf.shape, data_size=self.mesh.shape[DATA_AXIS],
+            leaf_axes(self._param_axes, names[1:], len(leaf.shape)), leaf.shape, data_size=self.mesh.shape[DATA_AXIS],
             model_size=self.mesh.shape[MODEL_AXIS], fsdp=self.fsdp,
             fsdp_min_size=self.fsdp_min_size,
         ))

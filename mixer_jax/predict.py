@@ -1,15 +1,16 @@
-"""Classify image files with a Mixer checkpoint; prints the top-k classes.
+"""Classify image files with a checkpoint of any registered model; prints the top-k classes.
 
   python -m mixer_jax.predict --checkpoint=Mixer-B_16.npz [--variant=Mixer-B_16] \\
       [--labels=imagenet2012|<tfds name>|<image folder>|<names.txt>] [--top_k=5] \\
       img1.jpg img2.png ...
 
-The architecture, class count and image size are read from the checkpoint's
-shapes (`--variant` is checked against them). Images of any size, format and
-colour mode (grayscale, RGBA, palette, 16-bit) are turned upright (EXIF), made
-RGB and preprocessed as the published checkpoints were evaluated: shorter side
-resized to crop * 256/224, centre crop, values in [-1, 1]
-(`input_pipeline.preprocess_for_eval`). Files are read in parallel and run in
+The family, architecture, class count and image size are read from the
+checkpoint's shapes through the model registry (`--variant` is checked against
+them). Images of any size, format and colour mode (grayscale, RGBA, palette,
+16-bit) are turned upright (EXIF), made RGB and preprocessed as the weights
+expect (the preprocessing stored with a run's checkpoint, else the family's
+default; Mixer: shorter side resized to crop * 256/224, centre crop, values in
+[-1, 1]; `input_pipeline.preprocess_for_eval`). Files are read in parallel and run in
 batches of `--batch`. An unreadable file is reported and skipped; the exit
 status is then 1. Class names: `--labels`, else those a training run stored with
 its checkpoints (folder names, tfds label names), else ImageNet-1k's for a
@@ -26,17 +27,18 @@ import math
 import sys
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from etils import epath
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 from PIL import Image, ImageOps
 
-from mixer_jax import checkpoint as ckpt
-from mixer_jax import cli, host_memory, input_pipeline, labels, models, steps, train_config
+from mixer_jax import cli, finetune, host_memory, input_pipeline, labels, models, steps
 from mixer_jax.errors import UserError
+
 
 class PredictError(UserError, ValueError):
     """A bad checkpoint path, image file or model choice, explained."""
@@ -44,69 +46,85 @@ class PredictError(UserError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
-    """A model with its parameters and the image side it expects."""
+    """A model with its parameters, the image side it expects and how to preprocess."""
 
-    model: models.MlpMixer
+    model: nn.Module
     params: dict
     image_size: int
+    preprocessing: models.Preprocessing = models.registry.INCEPTION
 
 
-def _load_orbax(path: epath.Path) -> dict:
-    """The `params` item of an orbax checkpoint, given the item itself, a step
-    directory, or a checkpoint/work directory (its newest complete step)."""
-    from mixer_jax import train_checkpoint  # orbax: only when needed
-
-    if path.name == "params":
-        path = path.parent
-    try:
-        return models.unstack_blocks(train_checkpoint.restore_params(str(path)))
-    except (FileNotFoundError, ValueError) as e:
-        raise PredictError(str(e)) from e
+def _source(checkpoint: str) -> finetune.Source:
+    """The checkpoint read once: an `.npz` (local or gs://), an orbax checkpoint (the
+    `params` item itself, a step directory, or a checkpoint/work directory: its newest
+    complete step), or anything a registered reader of `finetune.read_source` takes."""
+    path = epath.Path(checkpoint)
+    if path.name == "params" and path.is_dir():
+        checkpoint = str(path.parent)
+    elif not path.exists() and not finetune.has_reader(checkpoint):
+        raise PredictError(f"Checkpoint {checkpoint!r} does not exist.")
+    return finetune.read_source(checkpoint)
 
 
 def load_params(checkpoint: str) -> dict:
-    """Per-block numpy parameters from a published-layout `.npz` (local or gs://) or
-    an orbax checkpoint directory."""
-    path = epath.Path(checkpoint)
-    if not path.exists():
-        raise PredictError(f"Checkpoint {checkpoint!r} does not exist.")
-    if path.is_dir():
-        return _load_orbax(path)
-    return ckpt.load_npz(checkpoint)
+    """Per-block numpy parameters of a checkpoint (see `_source`)."""
+    return unflatten_dict(_source(checkpoint).flat, sep="/")
+
+
+def _num_classes(family: models.Family, flat) -> int | None:
+    """The classifier's output count (its kernel's last dimension), or None without one."""
+    shapes = [flat[k].shape for k in sorted(flat)
+              if any(k == p or k.startswith(p + "/") for p in family.classifier)]
+    return max(shapes, key=len)[-1] if shapes else None
 
 
 def load_model(checkpoint: str, *, variant: str | None = None, dtype: Any = jnp.float32,
                image_size: int | None = None) -> LoadedModel:
-    """Loads `checkpoint` and builds the model its shapes describe.
+    """Loads `checkpoint` and builds the model its shapes describe (any registered family).
 
-    `variant`, when given, must match the file. The image size is the one the
-    token-mixing weights were trained for (a square grid of patches) unless
-    `image_size` is given (it must give the same number of patches).
+    `variant`, when given, must match the file. The image size is the one the token-mixing
+    weights were trained for (a square grid of tokens) unless `image_size` is given (it
+    must give the same number of tokens); models without a fixed token count take
+    `image_size`, else the input size stored with the weights or the family's default.
     """
-    params = load_params(checkpoint)
-    arch = ckpt.architecture(params)
+    source = _source(checkpoint)
+    family, fields = finetune.identify(source.flat, repr(checkpoint))
+    layout = finetune.layout(family, fields)
+    name = finetune.describe(family, fields, layout.token_fields)
     if variant is not None:
-        wanted = variant.replace("/", "_")
-        if wanted not in models.VARIANTS:
-            raise PredictError(f"Unknown variant {variant!r}; known: "
-                               f"{', '.join(models.VARIANTS)}.")
-        fields = arch.model_fields()
-        # The token MLP width aside: fine-tuning at a higher resolution may widen it.
-        if any(fields[k] != v for k, v in models.VARIANTS[wanted].items()
-               if k != "tokens_mlp_dim"):
-            raise PredictError(f"Checkpoint {checkpoint!r} is {arch.name}, not {wanted}.")
-    side = math.isqrt(arch.num_tokens)
-    size = image_size or side * arch.patch_size
-    if size % arch.patch_size or (size // arch.patch_size) ** 2 != arch.num_tokens:
-        raise PredictError(f"Checkpoint {checkpoint!r} was trained on {arch.num_tokens} "
-                           f"patches of {arch.patch_size}px, not a square image of side "
-                           f"{size}; pass the image size it was trained at.")
-    model = models.MlpMixer(**arch.model_fields(), num_classes=arch.num_classes, dtype=dtype)
+        try:
+            wanted_family = models.get_family(variant)
+            known = wanted_family.variants[models.registry.canonical_name(variant)]
+        except (ValueError, KeyError):
+            raise PredictError(f"Unknown variant {variant!r}; `mixer_jax.models.list_models()` "
+                               "lists every name.") from None
+        # Token-mixing widths aside: fine-tuning at a higher resolution may widen them.
+        if wanted_family is not family or any(
+                fields.get(k) != v for k, v in known.items() if k not in layout.token_fields):
+            raise PredictError(f"Checkpoint {checkpoint!r} is {name}, not "
+                               f"{models.registry.canonical_name(variant)}.")
+    preprocessing = source.preprocessing or family.preprocessing
+    if layout.roles:
+        tokens = finetune.num_tokens(source.flat, layout)
+        side = math.isqrt(tokens)
+        size = image_size or side * layout.stride
+        if size % layout.stride or (size // layout.stride) ** 2 != tokens:
+            raise PredictError(f"Checkpoint {checkpoint!r} was trained on {tokens} "
+                               f"patches of {layout.stride}px, not a square image of side "
+                               f"{size}; pass the image size it was trained at.")
+    else:
+        size = image_size or preprocessing.input_size
+    build = dict(fields, num_classes=_num_classes(family, source.flat), dtype=dtype)
+    build = build if source.model_name else finetune.module_fields(family, build)
+    model_name = source.model_name or variant
+    model = (models.create_model(model_name, **build) if model_name
+             and models.get_family(model_name) is family else family.module(**build))
+    params = unflatten_dict(source.flat, sep="/")
     _check_shapes(params, model, size, checkpoint)
-    return LoadedModel(model, jax.tree.map(jnp.asarray, params), size)
+    return LoadedModel(model, jax.tree.map(jnp.asarray, params), size, preprocessing)
 
 
-def _check_shapes(params: dict, model: models.MlpMixer, size: int, checkpoint: str) -> None:
+def _check_shapes(params: dict, model: nn.Module, size: int, checkpoint: str) -> None:
     """Every key present with the model's shape, nothing extra."""
     expected = flatten_dict(models.param_shapes(model, (size, size, 3)), sep="/")
     found = flatten_dict(params, sep="/")
@@ -131,15 +149,19 @@ def load_image(path: str) -> np.ndarray:
         raise PredictError(f"Cannot read image {path!r}: {e}") from e
 
 
-def prepare_image(path: str, image_size: int, resize: int | None) -> np.ndarray:
-    """File -> float32 [image_size, image_size, 3] in [-1, 1], as the checkpoints expect."""
-    resize = train_config.eval_resize(image_size) if resize is None else resize
-    image = input_pipeline.preprocess_for_eval(load_image(path), image_size, resize=resize)
+def prepare_image(path: str, image_size: int, resize: int | None,
+                  preprocessing: models.Preprocessing = models.registry.INCEPTION) -> np.ndarray:
+    """File -> float32 [image_size, image_size, 3] normalised as the weights expect
+    (`preprocessing`: mean/std; shorter side resized to image_size / crop_pct unless
+    `resize` says otherwise)."""
+    resize = round(image_size / preprocessing.crop_pct) if resize is None else resize
+    image = input_pipeline.preprocess_for_eval(load_image(path), image_size, resize=resize,
+                                               mean=preprocessing.mean, std=preprocessing.std)
     return np.asarray(image, np.float32)
 
 
 @functools.lru_cache(maxsize=8)
-def _probabilities_fn(model: models.MlpMixer, microbatch: int | None):
+def _probabilities_fn(model: nn.Module, microbatch: int | None):
     return jax.jit(lambda p, x: jax.nn.softmax(
         steps.forward(model, p, x, microbatch=microbatch).astype(jnp.float32), axis=-1))
 
@@ -171,7 +193,8 @@ def predict_files(paths: list[str], loaded: LoadedModel, *, top_k: int = 5,
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
             images = []
-            for path, future in [(p, pool.submit(prepare_image, p, loaded.image_size, resize))
+            for path, future in [(p, pool.submit(prepare_image, p, loaded.image_size, resize,
+                                                 loaded.preprocessing))
                                  for p in chunk]:
                 try:
                     images.append((path, future.result()))

@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -32,7 +33,7 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from mixer_jax import (checkpoint, input_pipeline, metric_writers, models, optim,
+from mixer_jax import (checkpoint, finetune, input_pipeline, metric_writers, models, optim,
                        parallel, steps, train_checkpoint, train_config, workdir_lock)
 
 INTERRUPTED_EXIT_STATUS = 75  # sysexits' EX_TEMPFAIL: stopped early, rerun to resume
@@ -55,19 +56,24 @@ class TrainingInterrupted(SystemExit):
         self.step, self.reason = step, reason
 
 
-def create_model(config, num_classes: int, **overrides) -> models.MlpMixer:
-    """`config.model_name` with the `config.model` overrides (and `overrides`)."""
+def create_model(config, num_classes: int, **overrides) -> nn.Module:
+    """`config.model_name` (any registered name) with the `config.model` overrides (and
+    `overrides`)."""
     kwargs = {**train_config.model_kwargs(config), **overrides}
     return models.create_model(config.model_name, num_classes=num_classes, **kwargs)
 
 
 def pretrained_path(config) -> str | None:
-    """The checkpoint to fine-tune from, or None (train from scratch).
+    """The source to fine-tune from, or None (train from scratch).
 
+    `config.pretrained`: anything `finetune.read_source` takes (an `.npz`, an orbax
+    checkpoint directory, or a format a registered reader adds). Else
     `pretrained_dir/model_or_filename`: a directory is an orbax checkpoint (a workdir
     or checkpoint directory of an earlier run, or the output of `convert npz-to-orbax`);
     anything else is an `.npz` (the extension may be left out, as in vit_jax).
     """
+    if config.get("pretrained"):
+        return config.pretrained
     name = config.get("model_or_filename")
     if not name:
         return None
@@ -77,11 +83,43 @@ def pretrained_path(config) -> str | None:
     return str(path) + ".npz"
 
 
-def _is_orbax(path: str) -> bool:
-    return epath.Path(path).is_dir()
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A pre-trained source, resolved once per run.
+
+    `shapes` describes it (shapes only: what it is, which widths the model needs);
+    `values` holds its arrays on the host, or is None for an orbax checkpoint, whose
+    arrays are read later, straight into their shardings when they fit as stored.
+    """
+
+    path: str
+    shapes: finetune.Source
+    values: finetune.Source | None
+    stored_shapes: dict | None  # orbax: flat shapes as stored (per-block or scanned)
+
+    @property
+    def family(self) -> models.Family:
+        return finetune.identify(self.shapes.flat, self.shapes.name)[0]
 
 
-# ----------------------------------------------------------------------------- state
+def _shapes_source(stored: dict, name: str, **kw) -> finetune.Source:
+    """A Source of zero-stride arrays of these flat shapes (either layout)."""
+    fake = {k: np.broadcast_to(np.float32(0), s) for k, s in stored.items()}
+    return finetune.Source(checkpoint.flatten_params(traverse_util.unflatten_dict(fake, sep="/")),
+                           name, **kw)
+
+
+def resolve_pretrained(path: str) -> Pretrained:
+    """Reads what `path` is (for an orbax checkpoint: its metadata only) once per run."""
+    if finetune.is_orbax(path):
+        stored = train_checkpoint.stored_params_shapes(path)
+        meta = train_checkpoint.read_meta(path) or {}
+        shapes = _shapes_source(stored, repr(path),
+                                preprocessing=finetune.preprocessing_from_meta(meta),
+                                model_name=meta.get("model_name"))
+        return Pretrained(path, shapes, None, stored)
+    values = finetune.read_source(path)
+    return Pretrained(path, values, values, None)
 
 
 def _host_params(strategy, state):
@@ -92,87 +130,88 @@ def _host_params(strategy, state):
     return jax.device_get(params)
 
 
-def _restore_sharded_params(path, strategy, state, config):
-    """Orbax parameters that fit the model (head aside) read straight into their shardings.
+def _restore_sharded_params(pretrained: Pretrained, strategy, state, config):
+    """Orbax parameters that fit the model (classifier aside) read straight into their
+    shardings.
 
     Returns None when they do not fit as they are (another layout, image size or variant):
-    the caller then goes through `checkpoint.load_pretrained` on the host.
+    the caller then goes through `finetune.load_pretrained` on the host.
     """
     flat_target = traverse_util.flatten_dict(strategy.abstract_state().params, sep="/")
     wanted = {k: tuple(v.shape) for k, v in flat_target.items()}
-    stored = train_checkpoint.stored_params_shapes(path)
+    stored = pretrained.stored_shapes
+    head = lambda k: any(k == p or k.startswith(p + "/") for p in pretrained.family.classifier)
     differ = {k for k in wanted if stored.get(k) != wanted[k]}
-    if set(stored) != set(wanted) or not differ <= {"head/kernel", "head/bias"}:
+    if set(stored) != set(wanted) or not all(head(k) for k in differ):
         return None
     reset_head = config.reset_head if config.reset_head is not None else bool(differ)
     if differ and not reset_head:
         return None  # let load_pretrained explain the mismatch
     if reset_head:
-        flat_target = {k: v for k, v in flat_target.items() if not k.startswith("head/")}
+        flat_target = {k: v for k, v in flat_target.items() if not head(k)}
     loaded = traverse_util.flatten_dict(train_checkpoint.restore_params(
-        path, traverse_util.unflatten_dict(flat_target, sep="/")), sep="/")
+        pretrained.path, traverse_util.unflatten_dict(flat_target, sep="/")), sep="/")
     current = traverse_util.flatten_dict(state.params, sep="/")
     params = traverse_util.unflatten_dict({k: loaded.get(k, current[k]) for k in current}, sep="/")
     logging.info("Restored %d parameter arrays from %s into their shardings%s.", len(loaded),
-                 path, " (head from the new model)" if reset_head else "")
+                 pretrained.path, " (head from the new model)" if reset_head else "")
     return state.replace(params=params)
 
 
-def _load_pretrained(path, pretrained, strategy, state, config):
-    """`state` with its parameters taken from `path` (an `.npz` or orbax checkpoint)."""
-    if pretrained is None and _is_orbax(path) and not isinstance(strategy, parallel.PmapStrategy):
-        restored = _restore_sharded_params(path, strategy, state, config)
+def _load_pretrained(pretrained: Pretrained, strategy, state, config):
+    """`state` with its parameters taken from the pre-trained source."""
+    if pretrained.values is None and not isinstance(strategy, parallel.PmapStrategy):
+        restored = _restore_sharded_params(pretrained, strategy, state, config)
         if restored is not None:
             return restored
-    if pretrained is None:
-        pretrained = _read_pretrained(path)
-    params = checkpoint.load_pretrained(
-        pretrained, _host_params(strategy, state), reset_head=config.reset_head,
-        token_mixing=config.token_mixing, image_size=config.pp.crop, source_name=path)
-    logging.info("Fine-tuning from %s.", path)
+    source = pretrained.values or finetune.read_source(pretrained.path)
+    params = finetune.load_pretrained(
+        source, _host_params(strategy, state), reset_head=config.reset_head,
+        token_mixing=config.token_mixing, image_size=config.pp.crop)
+    logging.info("Fine-tuning from %s.", pretrained.path)
     return strategy.with_params(state, params)
 
 
-def _read_pretrained(path):
-    if _is_orbax(path):
-        return train_checkpoint.restore_params(path)
-    return checkpoint.load_npz(path)
+def _model_overrides(config, ckpt, pretrained: Pretrained | None) -> dict:
+    """Architecture overrides the checkpoints impose on `config.model_name`.
 
-
-def _model_overrides(config, ckpt, path) -> tuple[dict, dict | None]:
-    """Architecture overrides the checkpoints impose, and the pretrained params if read.
-
-    A resumed run keeps the token-mixing width of its own checkpoint; a fine-tuning run
-    takes it from the pretrained parameters (the block-diagonal method widens it).
+    A resumed run keeps the token-mixing widths of its own checkpoint; a fine-tuning run
+    takes them from the pretrained parameters (the block-diagonal method widens them).
     """
     latest = ckpt.latest_step()
     if latest is not None:
-        shapes = train_checkpoint.stored_params_shapes(str(ckpt.directory), latest)
-        return {"tokens_mlp_dim": _token_kernel_shape(shapes)[1]}, None
-    if path is None:
-        return {}, None
-    if _is_orbax(path):
-        num_tokens, width = _token_kernel_shape(train_checkpoint.stored_params_shapes(path))
-        if num_tokens == _model_num_tokens(config):
-            return {"tokens_mlp_dim": width}, None  # read later, into the shardings if it fits
-    pretrained = _read_pretrained(path)
-    fields = checkpoint.adapted_model_overrides(
-        pretrained, config.pp.crop, token_mixing=config.token_mixing)
-    return {"tokens_mlp_dim": fields["tokens_mlp_dim"]}, pretrained
+        own = _shapes_source(train_checkpoint.stored_params_shapes(str(ckpt.directory), latest),
+                             "The run's checkpoint")
+        return finetune.token_width_overrides(own, config.pp.crop)
+    if pretrained is None:
+        return {}
+    family = models.get_family(config.model_name)
+    if pretrained.family is not family:
+        raise checkpoint.CheckpointError(
+            f"{pretrained.path!r} holds a {pretrained.family.name} model "
+            f"({finetune.describe(*finetune.identify(pretrained.shapes.flat))}) but "
+            f"config.model_name={config.model_name!r} is a {family.name} model; set "
+            "config.model_name to the checkpoint's model.")
+    return finetune.token_width_overrides(pretrained.shapes, config.pp.crop,
+                                          token_mixing=config.token_mixing)
 
 
-def _token_kernel_shape(flat_shapes: dict) -> tuple[int, int]:
-    """(tokens, tokens_mlp_dim) of stored parameters, per-block or scanned."""
-    for key, shape in flat_shapes.items():
-        if key.endswith("token_mixing/Dense_0/kernel"):
-            return tuple(shape[-2:])
-    raise ValueError("The checkpoint holds no token-mixing kernel: it is not an MLP-Mixer.")
-
-
-def _model_num_tokens(config) -> int:
-    variant = models.VARIANTS[config.model_name.replace("/", "_")]
-    patch = config.model.get("patch_size", variant["patch_size"])
-    return (config.pp.crop // patch) ** 2
+def _with_preprocessing(config, ckpt, pretrained: Pretrained | None):
+    """`config` with pp.mean/pp.std filled in: as set, else the run's own checkpoint's
+    (resumed), else the pretrained source's, else the model family's."""
+    stored = None
+    latest = ckpt.latest_step()
+    if latest is not None:
+        stored = finetune.preprocessing_from_meta(
+            train_checkpoint.read_meta(str(ckpt.directory), latest))
+    elif pretrained is not None:
+        stored = pretrained.shapes.preprocessing
+    chosen = stored or models.get_family(config.model_name).preprocessing
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key in ("mean", "std"):
+        if not config.pp.get(key):
+            config.pp[key] = tuple(getattr(chosen, key))
+    return config
 
 
 # ------------------------------------------------------------------------------ loop
@@ -217,7 +256,7 @@ class Run:
     """What a job trains with, set up by `prepare` (resumed, fine-tuned or fresh)."""
 
     config: ml_collections.ConfigDict  # complete (defaults filled in) and validated
-    model: models.MlpMixer
+    model: nn.Module
     strategy: parallel.Strategy
     schedule: optax.Schedule
     state: steps.TrainState
@@ -239,8 +278,9 @@ def prepare(config: ml_collections.ConfigDict, ckpt: train_checkpoint.TrainCheck
     train_config.check_before_training(config, info)
     ckpt.class_names = info.label_names  # stored with the checkpoints, for predict
     path = pretrained_path(config)
-    overrides, pretrained = _model_overrides(config, ckpt, path)
-    model = create_model(config, info.num_classes, **overrides)
+    pretrained = resolve_pretrained(path) if path is not None else None
+    config = _with_preprocessing(config, ckpt, pretrained)
+    model = create_model(config, info.num_classes, **_model_overrides(config, ckpt, pretrained))
     tx, schedule = optim.make_optimizer(config)
     strategy = parallel.make_strategy(config, model, tx)
     num_params = sum(x.size for x in jax.tree.leaves(strategy.abstract_state().params))
@@ -256,8 +296,8 @@ def prepare(config: ml_collections.ConfigDict, ckpt: train_checkpoint.TrainCheck
     else:
         start_step = 0
         state = strategy.init(jax.random.key(config.seed))
-        if path is not None:
-            state = _load_pretrained(path, pretrained, strategy, state, config)
+        if pretrained is not None:
+            state = _load_pretrained(pretrained, strategy, state, config)
     return Run(config, model, strategy, schedule, state, start_step)
 
 

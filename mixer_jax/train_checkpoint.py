@@ -4,7 +4,8 @@ Layout, in `<workdir>/checkpoints/<step>/` (one directory per saved step):
   params/  the model parameters (the model's own layout, per-block or scanned);
   train/   {'step', 'opt_state', 'rng'}: the rest of the TrainState;
   meta/    JSON: {'step', 'config', 'class_names'} (the config the run used, and the
-           names of its classes when the dataset has them: `predict` shows them).
+           names of its classes when the dataset has them: `predict` shows them), 'model_name'
+           and 'preprocessing' (what the weights expect: `models.Preprocessing` fields).
 The data position is the step: `input_pipeline.train_dataset(config, start_step=step)`
 yields exactly the batches an uninterrupted run sees from there on.
 
@@ -95,6 +96,9 @@ class TrainCheckpointer:
         meta = {"step": int(step), "config": jsonable_config(config)}
         if self.class_names is not None:
             meta["class_names"] = list(self.class_names)
+        if config is not None and config.get("model_name") and config.get("pp"):
+            # what `predict` and later fine-tuning need to use the weights
+            meta.update(run_meta(config))
         with self._space_errors():
             self._manager.wait_until_finished()  # the previous save: its errors first
             self._saving = (int(step), _nbytes(state))
@@ -333,6 +337,16 @@ def jsonable_config(config):
     if config is None:
         return None
     return json.loads(config.to_json_best_effort())
+
+
+def run_meta(config) -> dict:
+    """{'model_name', 'preprocessing'} of a run's config, for its checkpoints' meta."""
+    import dataclasses  # noqa: PLC0415
+
+    from mixer_jax import train_config  # noqa: PLC0415  (the config module imports jax)
+
+    return {"model_name": config.get("model_name"),
+            "preprocessing": dataclasses.asdict(train_config.preprocessing(config))}
 
 
 def find_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int]:

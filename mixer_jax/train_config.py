@@ -10,18 +10,24 @@ Data (read by `input_pipeline`):
   tfds_data_dir     tfds data dir (None: tfds' default); tfds_manual_dir for manual downloads.
   pp.train, pp.test split strings; pp.crop image size fed to the model;
   pp.resize         eval: shorter side before the centre crop (None: resize straight to crop);
-  pp.inception_crop, pp.flip, pp.randaugment ((layers, magnitude) or None).
+  pp.inception_crop, pp.flip, pp.randaugment ((layers, magnitude) or None);
+  pp.mean, pp.std   per-channel pixel statistics on a 0-1 scale (None: the pretrained
+                    source's preprocessing if it has one, else the model family's, e.g.
+                    (0.5,)*3 = [-1, 1] for Mixer, ImageNet's for ResMLP; see `train.prepare`).
   batch, batch_eval GLOBAL batch sizes (all hosts, all devices); shuffle_buffer; seed.
   skip_bad_images   image folders: train without unreadable files instead of stopping.
 Mixed-sample augmentation (read by `mix.MixConfig`, applied in the training step on each
   device): mix.mixup_alpha, cutmix_alpha, cutmix_minmax, fmix_alpha, fmix_decay, resizemix,
   resizemix_scale, saliencymix_alpha, maskmix_alpha, maskmix_cell, prob, switch_prob, mode,
   label_smoothing, correct_lam (timm's names and meanings where timm has them; all off).
-Model: model_name (a `models.VARIANTS` name) and model.* (MlpMixer field overrides:
-  dropout, stoch_depth, dtype, scan, remat, and architecture fields for tiny custom models).
-Fine-tuning: pretrained_dir + model_or_filename -> a published `.npz` or an orbax checkpoint
-  (a workdir or checkpoint directory of an earlier run); reset_head (None: when the class count
-  differs); token_mixing (how `checkpoint.load_pretrained` adapts to another image size).
+Model: model_name (any `models.list_models()` name) and model.* (overrides of that family's
+  module fields: dropout, stoch_depth, dtype, scan, remat, and architecture fields for tiny
+  custom models).
+Fine-tuning: pretrained (any source `finetune.read_source` takes: an `.npz`, an orbax
+  checkpoint, timm weights), or pretrained_dir + model_or_filename -> a published `.npz` or an
+  orbax checkpoint (a workdir or checkpoint directory of an earlier run); reset_head (None: when
+  the class count differs); token_mixing (how `finetune.load_pretrained` adapts to another
+  image size).
 Optimiser (read by `optim.make_optimizer`): optim, momentum, mu_dtype, b1, b2, weight_decay,
   base_lr, warmup_steps, decay_type, linear_end, total_steps, grad_norm_clip, accum_steps.
 Parallelism (read by `parallel.make_strategy`): parallelism ('pmap' | 'data' | 'fsdp'),
@@ -61,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.pp = ml_collections.ConfigDict(dict(
         train="train", test="test", crop=224, resize=256, inception_crop=True,
         flip=True, randaugment=config_dict.placeholder(tuple),
+        mean=config_dict.placeholder(tuple), std=config_dict.placeholder(tuple),
     ))
     c.mix = _mix_defaults()
     c.batch = 512
@@ -77,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     for name in models.MODEL_FIELDS:
         c.model[name] = config_dict.placeholder(int)
 
+    c.pretrained = config_dict.placeholder(str)
     c.pretrained_dir = "."
     c.model_or_filename = config_dict.placeholder(str)
     c.reset_head = config_dict.placeholder(bool)
@@ -154,7 +162,7 @@ def _unknown_keys(config, known, prefix="") -> list[str]:
 
 
 def model_kwargs(config) -> dict:
-    """MlpMixer overrides from `config.model` (unset ones left out), dtype names as dtypes."""
+    """Model field overrides from `config.model` (unset ones left out), dtype names as dtypes."""
     kwargs = {k: v for k, v in config.model.items() if v is not None}
     for key in ("dtype", "param_dtype"):
         if key in kwargs:
@@ -191,27 +199,32 @@ def validate(config, *, num_devices: int | None = None, process_count: int = 1) 
         check(ok, f"{key}={value!r} must be a positive integer")
         return ok
 
-    known_model = config.model_name.replace("/", "_") in models.VARIANTS
-    check(known_model, f"model_name {config.model_name!r} is not one of {list(models.VARIANTS)}")
+    # The model: a registered name, its family's options, an image size it takes.
+    known_model = registry.canonical_name(config.model_name) in models.list_models()
+    check(known_model, f"model_name {config.model_name!r} is not a registered model; "
+          "`mixer_jax.models.list_models()` lists every name")
     options = _model_options(config.model_name)
     model = {k: v for k, v in config.model.items() if v is not None}
-    if options is not None and set(model) - options:
-        problems.append(f"unknown model option(s) {sorted(set(model) - options)} for "
-                        f"{config.model_name}; known: {sorted(options)}")
-    for name in models.MODEL_FIELDS:
-        if name in model:
-            positive(f"model.{name}", model[name])
+    bad_model = sorted(set(model) - options) if options is not None else []
+    if bad_model:
+        problems.append(f"unknown model option(s) {bad_model} for {config.model_name}; "
+                        f"known: {sorted(options)}")
+    fields_ok = all(positive(f"model.{name}", model[name])
+                    for name in models.MODEL_FIELDS if name in model)
     for name in ("dropout", "stoch_depth"):
         value = model.get(name, 0.0)
         check(isinstance(value, (int, float)) and 0 <= value < 1,
               f"model.{name}={value!r} must be in [0, 1)")
     check(model.get("dtype", "float32") in DTYPES, f"model.dtype must be one of {DTYPES}")
+    for key in ("mean", "std"):
+        value = config.pp.get(key)
+        check(value is None or len(value) == 3, f"pp.{key}={value} must be None or 3 "
+              "per-channel values (0-1 scale)")
+    check(not config.pp.get("std") or min(config.pp.std) > 0, "pp.std must be positive")
 
     crop_ok = positive("pp.crop", config.pp.crop)
-    patch = model.get("patch_size") or models.VARIANTS.get(
-        config.model_name.replace("/", "_"), {}).get("patch_size", 1)
-    check(not crop_ok or not _is_int(patch) or config.pp.crop % patch == 0,
-          f"pp.crop={config.pp.crop} is not a multiple of the patch size {patch}")
+    if known_model and not bad_model and fields_ok and crop_ok:
+        problems += _image_size_problems(config)
     positive("pp.resize", config.pp.get("resize"), allow_none=True)
     batch_ok = positive("batch", config.batch)
     batch_eval_ok = positive("batch_eval", config.batch_eval, allow_none=True)
@@ -264,9 +277,41 @@ def validate(config, *, num_devices: int | None = None, process_count: int = 1) 
                         f"devices; set mix.mixup_alpha={config.pp.mixup} instead")
     mix_fields = {f.name for f in dataclasses.fields(mix.MixConfig)}
     problems += mix.MixConfig.from_config(
-        {k: v for k, v in config.mix.items() if k in mix_fields}).problems(patch, config.pp.crop)
+        {k: v for k, v in config.mix.items() if k in mix_fields}).problems(
+            _patch_size(config), config.pp.crop)
     if problems:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def preprocessing(config) -> models.Preprocessing:
+    """What a run feeds its model (after `train.prepare` filled in pp.mean/pp.std)."""
+    pp, default = config.pp, models.get_family(config.model_name).preprocessing
+    return models.Preprocessing(
+        mean=tuple(pp.mean) if pp.get("mean") else default.mean,
+        std=tuple(pp.std) if pp.get("std") else default.std,
+        input_size=pp.crop, crop_pct=pp.crop / pp.resize if pp.get("resize") else 1.0,
+        interpolation="bilinear")
+
+
+def _patch_size(config) -> int | None:
+    """The model's patch size, for families that have one (None otherwise)."""
+    try:
+        variant = models.get_family(config.model_name).variants.get(
+            models.registry.canonical_name(config.model_name), {})
+    except ValueError:
+        variant = {}
+    return config.model.get("patch_size") or variant.get("patch_size")
+
+
+def _image_size_problems(config) -> list[str]:
+    """pp.crop must fit the model (patch size, downsampling): checked on abstract shapes."""
+    try:
+        model = models.create_model(config.model_name, **model_kwargs(config))
+        models.param_shapes(model, (config.pp.crop, config.pp.crop, 3))
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        return [f"pp.crop={config.pp.crop} does not fit {config.model_name} "
+                f"(with config.model {dict(config.model)}): {e}"]
+    return []
 
 
 def check_before_training(config, info) -> None:

@@ -236,3 +236,25 @@ def test_pipeline_mode_reports_throughput(tmp_path, capsys):
     assert result["host_batch"] == 8 and result["crop"] == 8
     assert result["images_per_s"] == pytest.approx(8 / result["batch_s"]) and result["batch_s"] > 0
     assert "input pipeline" in capsys.readouterr().out
+
+
+def test_flops_come_from_the_family():
+    model = models.create_model("Mixer-Ti_4", num_classes=10)
+    assert flops.forward_flops_terms(model, (32, 16)) == models.get_family("mixer").flops(
+        model, (32, 16))
+    assert flops.model_flops is flops.mixer_flops
+    with pytest.raises(ValueError, match="not the module of a registered family"):
+        models.registry.family_of(object())
+
+
+@pytest.mark.slow
+def test_compare_timm_runs_both_frameworks_alternately():
+    pytest.importorskip("timm")
+    results = cli.main(["--variant=Mixer-Ti_4", "--image_size=32", "--batch=2", "--steps=2",
+                        "--mode=inference", "--compare=timm", "--timm_model=mixer_s16_224",
+                        "--compare_rounds=2"])
+    (row,) = results["compare"]
+    assert row["timm_name"] == "mixer_s16_224" and row["rounds"] == 2
+    assert len(row["mixer_jax_step_times_s"]) == len(row["timm_step_times_s"]) == 4
+    assert row["ratio"] == pytest.approx(row["mixer_jax_images_per_s"] / row["timm_images_per_s"])
+    assert not results["runs"]  # the comparison replaces the in-process run

@@ -394,3 +394,16 @@ def test_named_tfds_dataset_flows_through_the_pipeline(tmp_path):
     assert info.num_classes == 10 and len(info.label_names) == 10
     assert train["image"].shape == (8, 16, 16, 3) and train["label"].shape == (8, 10)
     assert np.concatenate(masks).sum() == 20 and len(masks) == 4
+
+
+def test_normalisation_follows_the_given_statistics():
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    white = ip.preprocess_for_eval(np.full((6, 6, 3), 255, np.uint8), 5, mean=mean, std=std)
+    black = ip.preprocess_for_eval(np.zeros((6, 6, 3), np.uint8), 5, mean=mean, std=std)
+    np.testing.assert_allclose(white[0, 0], (1 - np.array(mean)) / std, rtol=1e-6)
+    np.testing.assert_allclose(black[0, 0], -np.array(mean) / std, rtol=1e-6)
+    # (0.5, 0.5) is exactly the [-1, 1] of the published Mixer checkpoints
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 6, 3), np.uint8)
+    np.testing.assert_array_equal(ip.preprocess_for_eval(pixels, 5, mean=(0.5,) * 3,
+                                                         std=(0.5,) * 3),
+                                  ip.preprocess_for_eval(pixels, 5))

@@ -106,36 +106,49 @@ def test_eval_matches_single_device(name):
 
 def test_partition_rules_on_published_shapes():
     spec = functools.partial(parallel.partition_spec, fsdp_min_size=0)
-    blk = ("params", "MixerBlock_3")
-    tok0, tok0b = blk + ("token_mixing", "Dense_0", "kernel"), blk + ("token_mixing", "Dense_0", "bias")
-    ch1 = blk + ("channel_mixing", "Dense_1", "kernel")
+    # Mixer-B/16's logical axes (models.param_axes): token MLP Dense_0 kernel/bias,
+    # channel MLP Dense_1 kernel, stem and head kernels.
+    tok0, tok0b, ch1 = ("tokens", "mlp"), ("mlp",), ("mlp", "embed")
+    stem, head = ("kernel", "kernel", "channels", "embed"), ("embed", "classes")
     # FSDP: the largest dimension that divides the data axis
-    assert spec(("params", "stem", "kernel"), (16, 16, 3, 768), data_size=8, fsdp=True) == P(
-        None, None, None, "data")
+    assert spec(stem, (16, 16, 3, 768), data_size=8, fsdp=True) == P(None, None, None, "data")
     assert spec(tok0, (196, 384), data_size=8, fsdp=True) == P(None, "data")
-    assert spec(("params", "head", "kernel"), (768, 21843), data_size=8, fsdp=True) == P(
-        "data", None)
+    assert spec(head, (768, 21843), data_size=8, fsdp=True) == P("data", None)
     # model axis: the MLP hidden dim (Dense_0 output, Dense_1 input), FSDP on what is left
     # ... but never the token axis of token-mixing weights (see the H/14 test)
     assert spec(tok0, (196, 384), data_size=4, model_size=2, fsdp=True) == P(None, "model")
     assert spec(tok0b, (384,), data_size=4, model_size=2) == P("model")
     assert spec(ch1, (3072, 768), data_size=4, model_size=2, fsdp=True) == P("model", "data")
     assert spec(ch1, (3072, 768), data_size=4, model_size=2, fsdp=False) == P("model", None)
-    assert spec(("params", "head", "kernel"), (768, 1000), data_size=4, model_size=2) == P(
-        None, None)
-    # optimizer state follows its parameter's name
-    assert spec(("opt_state", "1", "0", "trace") + ch1[1:], (3072, 768), data_size=4,
+    assert spec(head, (768, 1000), data_size=4, model_size=2) == P(None, None)
+    # optimizer state follows the axes of the parameter whose path ends its path
+    param_axes = {("MixerBlock_3", "channel_mixing", "Dense_1", "kernel"): ch1}
+    names = ("opt_state", "1", "0", "trace", "MixerBlock_3", "channel_mixing", "Dense_1", "kernel")
+    assert parallel.leaf_axes(param_axes, names, 2) == ch1
+    assert parallel.leaf_axes(param_axes, ("opt_state", "0", "count"), 0) == ()
+    assert spec(parallel.leaf_axes(param_axes, names, 2), (3072, 768), data_size=4,
                 model_size=2) == P("model", None)
     # what does not divide stays replicated, without error
     assert spec(tok0, (196, 384), data_size=5, model_size=5, fsdp=True) == P(None, None)
     # small arrays stay replicated under FSDP
     assert parallel.partition_spec(tok0b, (384,), data_size=8, fsdp=True) == P(None)
-    # scanned layout: the leading block axis is never split
-    scanned = ("params", models.SCANNED_BLOCKS, "block", "channel_mixing", "Dense_0", "kernel")
-    scanned_bias = scanned[:-2] + ("Dense_1", "bias")
-    assert spec(scanned_bias, (12, 196), data_size=12, fsdp=True) == P(None, None)
-    assert spec(scanned, (12, 768, 3072), data_size=4, model_size=2, fsdp=True) == P(
-        None, "data", "model")
+    # scanned layout: the leading block axis ("layers") is never split
+    assert spec(("layers", "embed"), (12, 196), data_size=12, fsdp=True) == P(None, None)
+    assert spec(("layers", "embed", "mlp"), (12, 768, 3072), data_size=4, model_size=2,
+                fsdp=True) == P(None, "data", "model")
+    with pytest.raises(ValueError, match="axis names"):
+        spec(tok0, (196, 384, 1), data_size=8)
+
+
+def _specs(model, image_size, **kw):
+    """{parameter path: (shape, PartitionSpec)} of `model` from its logical axes."""
+    shapes = models.param_shapes(model, (image_size, image_size, 3))
+    axes = models.param_axes(model, (image_size, image_size, 3))
+    flat_axes = dict(jax.tree_util.tree_leaves_with_path(
+        axes, is_leaf=lambda x: isinstance(x, tuple)))
+    return {tuple(k.key for k in path): (leaf.shape, parallel.partition_spec(
+        flat_axes[path], leaf.shape, fsdp_min_size=0, **kw))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -144,13 +157,7 @@ def test_fsdp_never_splits_the_token_axis_of_h14_on_256_devices(scan):
     # (256 x 640) that 256 divides. Splitting it made XLA split images spatially and
     # replicate the batch (2.4 TiB of temporaries per device), so they stay replicated.
     model = models.create_model("Mixer-H_14", scan=scan)
-    image = jax.ShapeDtypeStruct((1, 224, 224, 3), jax.numpy.float32)
-    shapes = models.param_shapes(model, image.shape[1:])
-    specs = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
-        names = ("params",) + tuple(k.key for k in path)
-        specs[names[1:]] = (leaf.shape, parallel.partition_spec(
-            names, leaf.shape, data_size=256, fsdp=True, fsdp_min_size=0))
+    specs = _specs(model, 224, data_size=256, fsdp=True)
     block = (models.SCANNED_BLOCKS, "block") if scan else ("MixerBlock_7",)
     lead = (32,) if scan else ()
     token, channel = block + ("token_mixing",), block + ("channel_mixing",)
@@ -162,9 +169,8 @@ def test_fsdp_never_splits_the_token_axis_of_h14_on_256_devices(scan):
     # and the token MLP's when it divides (640 on 128 devices).
     assert specs[channel + ("Dense_0", "kernel")] == (lead + (1280, 5120), P(*none, None, "data"))
     assert specs[channel + ("Dense_1", "kernel")] == (lead + (5120, 1280), P(*none, "data", None))
-    assert parallel.partition_spec(
-        ("params",) + token + ("Dense_0", "kernel"), lead + (256, 640), data_size=128,
-        fsdp=True) == P(*none, None, "data")
+    assert _specs(model, 224, data_size=128, fsdp=True)[token + ("Dense_0", "kernel")] == (
+        lead + (256, 640), P(*none, None, "data"))
     # No leaf anywhere has its token axis split.
     for names, (shape, spec) in specs.items():
         if "token_mixing" in names and names[-2:] != ("Dense_0", "bias"):

@@ -193,3 +193,27 @@ def test_folder_labels_follow_the_training_pipeline(tmp_path):
                                         "pp": {"train": "train", "test": "test", "crop": 8}})
     info = input_pipeline.get_dataset_info(config)
     assert labels.label_names(str(tmp_path), 3) == info.label_names == ["Apple", "mango", "zebra"]
+
+
+def test_preprocessing_stored_with_the_weights_is_used(tiny, tmp_path):
+    """A run's checkpoint meta says ImageNet statistics and no resize: predict follows it."""
+    from mixer_jax import train_checkpoint
+
+    model, params, _ = tiny
+    imagenet = models.registry.IMAGENET
+    meta = {"model_name": "Mixer-Ti_4", "preprocessing": {
+        "mean": list(imagenet.mean), "std": list(imagenet.std), "input_size": 32,
+        "crop_pct": 1.0, "interpolation": "bilinear"}}
+    train_checkpoint.save_params(params, str(tmp_path / "run"), meta=meta)
+    loaded = predict.load_model(str(tmp_path / "run"))
+    assert loaded.preprocessing.mean == imagenet.mean and loaded.preprocessing.crop_pct == 1.0
+    pixels = np.random.default_rng(3).integers(0, 256, (40, 50, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    (result,) = predict.predict_files([str(tmp_path / "x.png")], loaded, top_k=10)
+    image = np.asarray(input_pipeline.preprocess_for_eval(
+        pixels, 32, resize=32, mean=imagenet.mean, std=imagenet.std))
+    expected = np.asarray(jax.nn.softmax(model.apply({"params": params}, image[None]))[0])
+    got = np.zeros(10)
+    got[[t["class"] for t in result["top"]]] = [t["probability"] for t in result["top"]]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(expected, direct_probabilities(model, params, pixels), atol=1e-3)

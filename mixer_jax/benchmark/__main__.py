@@ -3,6 +3,8 @@
   python -m mixer_jax.benchmark --variant=Mixer-B_16 --batch=32 --dtype=float32 \\
       --mode=inference,train [--config=configs/x.py --mode=pipeline] \\
       [--mode=sharding --mesh=8,64,256] [--mode=train,mix] [--json=results.json]
+  python -m mixer_jax.benchmark --variant=Mixer-S_32 --batch=32 --mode=train \\
+      --compare=timm [--compare_rounds=2] [--timm_model=mixer_s32_224]
 
 Modes (comma-separated, run in this order):
   inference  a forward pass on `--batch` images on one device;
@@ -18,6 +20,10 @@ update). Without `--ceiling=false`, the dense-matmul ceiling is measured in the
 same run and dtype: square matmuls of each `--ceiling_sizes` are timed after
 every step, the fastest size is the ceiling, and "of ceiling" compares the step
 with it (`measure.time_with_ceiling` says how a step's tail is charged to it).
+`--variant` is any registered name (`mixer_jax.models.list_models()`).
+`--compare=timm` times inference/train side by side with timm instead (same model,
+batch, dtype and mode; each framework in its own process, alternately; medians;
+img/s of both and their ratio; see `compare.py`).
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from mixer_jax import cli, host_memory, mix, models, parallel
-from mixer_jax.benchmark import measure, mixing, pipeline, report, sharding
+from mixer_jax.benchmark import compare, measure, mixing, pipeline, report, sharding
 from mixer_jax.errors import UserError
 
 MODES = ("inference", "train", "pipeline", "sharding", "mix")
@@ -48,8 +54,14 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     overrides in it."""
     flags.DEFINE_list("mode", ["inference"], f"Comma-separated modes among {MODES}.",
                       flag_values=fv)
-    flags.DEFINE_string("variant", None, "Mixer variant, e.g. Mixer-B_16 "
+    flags.DEFINE_string("variant", None, "Any registered model name, e.g. Mixer-B_16 "
                         "(default: the config's model_name, else Mixer-B_16).", flag_values=fv)
+    flags.DEFINE_enum("compare", None, ["timm"], "Time inference/train side by side with "
+                      "this framework (each in its own process, alternately).", flag_values=fv)
+    flags.DEFINE_integer("compare_rounds", 2, "--compare: alternations (A B) per mode.",
+                         flag_values=fv)
+    flags.DEFINE_string("timm_model", None, "--compare=timm: timm's model name (default: "
+                        "the family's timm name of --variant, else --variant).", flag_values=fv)
     flags.DEFINE_integer("batch", None, "Images per device per step (default: the config's "
                          "batch split over the devices, else 32).", flag_values=fv)
     flags.DEFINE_integer("image_size", None, "Image side (default: the config's pp.crop, "
@@ -105,17 +117,23 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
     if "pipeline" in modes and config is None:
         raise BenchmarkError("--mode=pipeline needs --config=<training config file>.")
     variant = fv.variant or (config.get("model_name") if config else None) or "Mixer-B_16"
-    if variant.replace("/", "_") not in models.VARIANTS:
-        raise BenchmarkError(f"Unknown variant {variant!r}; known: {', '.join(models.VARIANTS)}.")
+    if models.registry.canonical_name(variant) not in models.list_models():
+        raise BenchmarkError(f"Unknown variant {variant!r}; `mixer_jax.models.list_models()` "
+                             "lists every name.")
     image_size = fv.image_size or (config.pp.crop if config else 224)
 
     def per_device_batch(devices: int) -> int:  # the config's global batch split, else 32
         return fv.batch or (max(1, config.batch // devices) if config else 32)
 
     results: dict[str, Any] = {"environment": environment(), "runs": [], "sharding": [],
-                               "pipeline": [], "mix": []}
+                               "pipeline": [], "mix": [], "compare": []}
     sizes = (tuple(int(s) for s in fv.ceiling_sizes) or None) if fv.ceiling else ()
-    for mode in (m for m in modes if m in ("inference", "train")):
+    for mode in (m for m in modes if m in ("inference", "train") and fv.compare):
+        results["compare"].append(compare.compare_timm(
+            variant, mode=mode, batch=per_device_batch(1), dtype=fv.dtype,
+            image_size=image_size, steps=fv.steps, rounds=fv.compare_rounds,
+            timm_model=fv.timm_model, optimizer=fv.optimizer, microbatch=fv.microbatch))
+    for mode in (m for m in modes if m in ("inference", "train") and not fv.compare):
         results["runs"].append(measure.benchmark_model(
             variant, mode=mode, batch=per_device_batch(jax.device_count()), dtype=fv.dtype,
             image_size=image_size, steps=fv.steps, scan=fv.scan, remat=fv.remat,
@@ -149,6 +167,9 @@ def format_results(results: dict[str, Any]) -> str:
         ceilings = [report.ceiling_line(r) for r in results["runs"] if r["ceiling"]]
         if ceilings:
             parts.append("\n".join(ceilings))
+    if results.get("compare"):
+        parts.append("side by side with timm (each in its own process, alternately; "
+                     "medians):\n" + report.compare_table(results["compare"]))
     if results.get("mix"):
         train = [r for r in results["runs"] if r["mode"] == "train"]
         parts.append("mixed-sample augmentation, each method alone:\n" + report.mix_table(

@@ -1,4 +1,4 @@
-"""Timed runs on one device: the dense-matmul ceiling, and a Mixer's inference or
+"""Timed runs on one device: the dense-matmul ceiling, and a model's inference or
 training step (throughput, FLOPs, compile time, memory).
 
 Throughput figures use one statistic of the timed calls for the model and the
@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,7 @@ import optax
 
 from mixer_jax import models, optim, train_config
 from mixer_jax.steps import forward, init_state, train_step
-from mixer_jax.benchmark.flops import mixer_flops, xla_flops
+from mixer_jax.benchmark.flops import model_flops, xla_flops
 
 # Square matmul sizes tried for the ceiling, per platform: big enough to be
 # compute bound, small enough to time in seconds.
@@ -148,7 +149,7 @@ def host_random(shape: tuple[int, ...], dtype: Any, seed: int, scale: float = 1.
     return jnp.asarray(scale * (2 * values - 1), dtype)
 
 
-def synthetic_batch(model: models.MlpMixer, batch: int, image_size: int):
+def synthetic_batch(model: nn.Module, batch: int, image_size: int):
     """Random images in [-1, 1] and one-hot labels, made on the host with numpy
     (timing does not depend on the values; jax's RNG would add compile time)."""
     images = host_random((batch, image_size, image_size, 3), jnp.float32, seed=2)
@@ -157,7 +158,7 @@ def synthetic_batch(model: models.MlpMixer, batch: int, image_size: int):
     return images, jnp.asarray(labels)
 
 
-def synthetic_params(model: models.MlpMixer, image_size: int) -> dict:
+def synthetic_params(model: nn.Module, image_size: int) -> dict:
     """Parameters of the model's shapes and dtypes filled with small random values
     on the host: the same timing as trained weights, without compiling `init`."""
     image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
@@ -172,7 +173,8 @@ def benchmark_model(variant: str, *, mode: str, batch: int, dtype: str = "float3
                     remat: bool = False, optimizer: str = "adam",
                     microbatch: int | None = None, statistic: str = "median",
                     ceiling_sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
-    """Compiles and times a Mixer inference call or training step on the default device.
+    """Compiles and times a model's inference call or training step on the default device
+    (`variant`: any registered name).
 
     Parameters are float32 (`param_dtype`) and `dtype` is the compute dtype, as in
     mixed-precision training. `microbatch` runs inference `steps.forward`'s way and
@@ -231,7 +233,7 @@ def benchmark_model(variant: str, *, mode: str, batch: int, dtype: str = "float3
            else "..."))
     step_times, matmul_times = time_with_ceiling(call, matmuls, steps, statistic=statistic)
     step_s = summarize(step_times, statistic)
-    analytic = mixer_flops(model, image_size, batch, train=mode == "train")
+    analytic = model_flops(model, image_size, batch, train=mode == "train")
     counted = xla_flops(compiled)
     achieved = analytic / step_s
     # lax.scan over blocks, or over micro-batches in gradient accumulation.

@@ -75,6 +75,15 @@ def pipeline_table(results: list[dict[str, Any]]) -> str:
     return table(headers, rows)
 
 
+def compare_table(rows: list[dict[str, Any]]) -> str:
+    headers = ["mode", "variant", "timm model", "batch", "dtype", "mixer_jax img/s",
+               "timm img/s", "mixer_jax / timm", "steps x rounds"]
+    return table(headers, [[r["mode"], r["variant"], r["timm_name"], r["batch"], r["dtype"],
+                            f"{r['mixer_jax_images_per_s']:.1f}", f"{r['timm_images_per_s']:.1f}",
+                            f"{r['ratio']:.2f}x", f"{r['steps']} x {r['rounds']}"]
+                           for r in rows])
+
+
 def mix_table(rows: list[dict[str, Any]], train_step_s: float | None) -> str:
     """Time per call of each mixing method, and its share of a training step if given."""
     headers = ["method", "variant", "batch", "mode", "ms", "of train step"]

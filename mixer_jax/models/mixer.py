@@ -330,6 +330,9 @@ def to_timm(flat) -> dict:
 def flops(model: MlpMixer, image_size: tuple[int, int]) -> dict[str, int]:
     """Analytic forward FLOPs of one image (2 x multiply-adds of every Dense/Conv)."""
     height, width = image_size
+    if height % model.patch_size or width % model.patch_size:
+        raise ValueError(f"Image size {height}x{width} is not divisible by patch size "
+                         f"{model.patch_size}.")
     tokens, hidden, p = (height // model.patch_size) * (width // model.patch_size), \
         model.hidden_dim, model.patch_size
     # A Dense of n inputs and k outputs applied to r rows costs 2*r*n*k; each MLP is two

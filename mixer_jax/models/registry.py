@@ -84,6 +84,10 @@ class Family:
     # Analytic forward FLOPs of one image (2 x multiply-adds of every Dense/Conv/matmul),
     # by component; the "stem" entry is the one whose input gradient training skips.
     flops: Callable[[nn.Module, tuple[int, int]], dict[str, int]] | None = None
+    # Module-field overrides that make a fast test model of the family (fewer blocks,
+    # narrower; the first variant's other fields kept): tests/test_registry.py runs every
+    # family's tiny model through init/apply, scan, sharding and an FSDP step.
+    tiny: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -130,6 +134,14 @@ def get_family(name: str) -> Family:
 def model_fields(family: Family) -> set[str]:
     """The options `create_model` accepts for `family` (its module's fields)."""
     return {f.name for f in dataclasses.fields(family.module)} - {"parent", "name"}
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family whose module `model` is an instance of."""
+    for family in _FAMILIES.values():
+        if isinstance(model, family.module):
+            return family
+    raise ValueError(f"{type(model).__name__} is not the module of a registered family.")
 
 
 def create_model(name: str, **overrides) -> nn.Module:
