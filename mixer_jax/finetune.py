@@ -133,6 +133,8 @@ def read_source(source: PathLike | Params | Source) -> Source:
         try:
             params = train_checkpoint.restore_params(path)
             meta = train_checkpoint.read_meta(path)
+        except CheckpointError:
+            raise  # already names the checkpoint
         except (FileNotFoundError, ValueError) as e:
             raise CheckpointError(f"{path!r}: {e}") from e
         return Source(flatten_params(params), repr(path), preprocessing_from_meta(meta),

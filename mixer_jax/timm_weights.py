@@ -199,8 +199,9 @@ def is_timm_source(source) -> bool:
     """Whether `source` is for `read_timm` (vs. an `.npz` or orbax checkpoint), from its form:
     an hf-hub: id, a .safetensors/.pth/.bin file, a folder holding timm's weight file, or a
     state dict with dotted keys."""
-    if isinstance(source, Mapping):
-        return any("." in k for k in source) and not any("/" in k for k in source)
+    if isinstance(source, Mapping):  # flat, dotted keys (a nested dict is a parameter tree)
+        return (any("." in k for k in source) and not any("/" in k for k in source)
+                and not any(isinstance(v, Mapping) for v in source.values()))
     path = os.fspath(source)
     return (path.startswith(HF_HUB_PREFIX) or path.endswith((".safetensors", *_TORCH_SUFFIXES))
             or any(os.path.exists(os.path.join(path, n)) for n in _WEIGHT_FILES))

@@ -216,15 +216,14 @@ def validate(config, *, num_devices: int | None = None, process_count: int = 1) 
         check(isinstance(value, (int, float)) and 0 <= value < 1,
               f"model.{name}={value!r} must be in [0, 1)")
     check(model.get("dtype", "float32") in DTYPES, f"model.dtype must be one of {DTYPES}")
+    crop_ok = positive("pp.crop", config.pp.crop)
+    if known_model and not bad_model and fields_ok and crop_ok:
+        problems += _image_size_problems(config)
     for key in ("mean", "std"):
         value = config.pp.get(key)
         check(value is None or len(value) == 3, f"pp.{key}={value} must be None or 3 "
               "per-channel values (0-1 scale)")
     check(not config.pp.get("std") or min(config.pp.std) > 0, "pp.std must be positive")
-
-    crop_ok = positive("pp.crop", config.pp.crop)
-    if known_model and not bad_model and fields_ok and crop_ok:
-        problems += _image_size_problems(config)
     positive("pp.resize", config.pp.get("resize"), allow_none=True)
     batch_ok = positive("batch", config.batch)
     batch_eval_ok = positive("batch_eval", config.batch_eval, allow_none=True)
@@ -310,7 +309,7 @@ def _image_size_problems(config) -> list[str]:
         models.param_shapes(model, (config.pp.crop, config.pp.crop, 3))
     except (ValueError, TypeError, ZeroDivisionError) as e:
         return [f"pp.crop={config.pp.crop} does not fit {config.model_name} "
-                f"(with config.model {dict(config.model)}): {e}"]
+                f"(with config.model {model_kwargs(config)}): {e}"]
     return []
 
 

@@ -352,7 +352,7 @@ def test_predict_refuses_a_corrupt_or_non_finite_orbax_checkpoint(tmp_path):
     corrupted = bytearray(data.read_bytes())
     corrupted[len(corrupted) // 2] ^= 1
     data.write_bytes(bytes(corrupted))
-    with pytest.raises(predict.PredictError,
+    with pytest.raises(checkpoint.CheckpointError,
                        match=r"The checkpoint of step 0 in .*/o is corrupt: .* does not match the "
                              r"SHA-256 recorded when it was written"):
         predict.load_params(str(tmp_path / "o"))
@@ -361,5 +361,5 @@ def test_predict_refuses_a_corrupt_or_non_finite_orbax_checkpoint(tmp_path):
                                  "bias": np.array(params["head"]["bias"])}}
     params["head"]["bias"][1] = np.nan
     train_checkpoint.save_params(params, str(tmp_path / "nan"))
-    with pytest.raises(predict.PredictError, match=r"parameter 'head/bias' holds NaN/Inf"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"parameter .head/bias. holds NaN/Inf"):
         predict.load_params(str(tmp_path / "nan"))
