@@ -3,10 +3,12 @@
 Reaches >= 97% test accuracy on scikit-learn's handwritten digits (360 test
 images) in about a minute on 2 CPU cores, with no download:
 
-  python -m mixer_jax.main --config=configs/default.py --workdir=/tmp/mixer_digits
+  python -m mixer_jax.main --config=default --workdir=/tmp/mixer_digits
 
 The 8x8 digits are resized to 16x16 so that Mixer-Ti_4 sees a 4x4 grid of patches.
 """
+from ml_collections import config_dict
+
 from mixer_jax import train_config
 
 
@@ -14,7 +16,9 @@ def get_config():
     config = train_config.base_config()
     config.dataset = "sklearn_digits"
     config.pp.crop = 16
-    config.pp.resize = None  # eval: resize straight to the crop, like training
+    # eval: resize straight to the crop, like training (a placeholder, not a plain None, so
+    # that --config.pp.resize=N still works)
+    config.pp.resize = config_dict.placeholder(int)
     config.pp.inception_crop = False  # 8x8 digits: no random crops, no flips
     config.pp.flip = False
 

@@ -7,8 +7,9 @@ separator), e.g. `MixerBlock_3/token_mixing/Dense_0/kernel`. An older layout
 {kernel,bias}{1,2}`, possibly with extra singleton dimensions) is recognised from
 its keys and converted to the Linen layout on load.
 
-Files are read and written through `tf.io.gfile`, so `gs://` (and any other
-filesystem TensorFlow knows, e.g. `ram://`) works like a local path. Files are
+Local files are read and written directly; `gs://` (and any other `scheme://` file
+system TensorFlow knows, e.g. `ram://`) goes through `tf.io.gfile`, the only use of
+TensorFlow here (imported then). Files are
 loaded with `allow_pickle=False`: loading never executes code. Every problem with
 a file, or between a file and a model, raises `CheckpointError` naming the file,
 the key, the shapes involved and the likely cause.
@@ -213,27 +214,69 @@ def architecture(source: PathLike | Params) -> Architecture:
 # ---------------------------------------------------------------------------- file I/O
 
 
+def _is_remote(path: str) -> bool:
+    """`gs://...` and other `scheme://` paths: only TensorFlow's file systems reach them."""
+    return "://" in path
+
+
 def _gfile():
-    # Imported on use: TensorFlow is only needed to touch files (gs://, ram://, local).
+    # Imported on use, for `scheme://` paths only: local files need no TensorFlow.
     import tensorflow as tf
 
     return tf
 
 
 def _read_bytes(path: str) -> bytes:
+    if not _is_remote(path):
+        if os.path.isdir(path):
+            raise CheckpointError(_IS_A_DIRECTORY.format(path=path))
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise CheckpointError(f"No checkpoint file at {path!r}.") from None
+        except OSError as e:
+            raise CheckpointError(f"Cannot read {path!r}: {e.strerror or e}.") from e
     tf = _gfile()
     try:
         if tf.io.gfile.isdir(path):
-            raise CheckpointError(
-                f"{path!r} is a directory, not an .npz file (an orbax checkpoint directory "
-                "is restored with the training checkpoint tools, not this loader)."
-            )
+            raise CheckpointError(_IS_A_DIRECTORY.format(path=path))
         with tf.io.gfile.GFile(path, "rb") as f:
             return f.read()
     except tf.errors.NotFoundError:
         raise CheckpointError(f"No checkpoint file at {path!r}.") from None
     except tf.errors.OpError as e:
         raise CheckpointError(f"Cannot read {path!r}: {e.message}") from e
+
+
+_IS_A_DIRECTORY = ("{path!r} is a directory, not an .npz file (an orbax checkpoint directory "
+                   "is restored with the training checkpoint tools, not this loader).")
+
+
+def _write_atomically(data: bytes, path: str) -> None:
+    """Writes `data` to a temporary name next to `path`, then renames it to `path`."""
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    if not _is_remote(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            with open(temporary, "wb") as f:
+                f.write(data)
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            raise
+        return
+    tf = _gfile()
+    tf.io.gfile.makedirs(path.rsplit(SEP, 1)[0])
+    try:
+        with tf.io.gfile.GFile(temporary, "wb") as f:
+            f.write(data)
+        tf.io.gfile.rename(temporary, path, overwrite=True)
+    except BaseException:
+        if tf.io.gfile.exists(temporary):
+            tf.io.gfile.remove(temporary)
+        raise
 
 
 def _read_array(npz, key: str, path: str) -> np.ndarray:
@@ -322,19 +365,7 @@ def save_npz(params: Params, path: PathLike) -> str:
     flat = {key: _host_array(key, value) for key, value in flatten_params(params).items()}
     buffer = io.BytesIO()
     np.savez(buffer, **flat)
-    tf = _gfile()
-    directory = path.rsplit(SEP, 1)[0] if "://" in path else os.path.dirname(path)
-    if directory:
-        tf.io.gfile.makedirs(directory)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with tf.io.gfile.GFile(temporary, "wb") as f:
-            f.write(buffer.getvalue())
-        tf.io.gfile.rename(temporary, path, overwrite=True)
-    except BaseException:
-        if tf.io.gfile.exists(temporary):
-            tf.io.gfile.remove(temporary)
-        raise
+    _write_atomically(buffer.getvalue(), path)
     _log.info("Saved %d arrays (%.1f MiB) to %s", len(flat), buffer.tell() / 2**20, path)
     return path
 
@@ -342,9 +373,12 @@ def save_npz(params: Params, path: PathLike) -> str:
 # ------------------------------------------------------------------------ fine-tuning
 
 
-def _flat_source(source: PathLike | Params) -> tuple[dict[str, Any], str]:
+def _flat_source(source: PathLike | Params,
+                 source_name: str | None = None) -> tuple[dict[str, Any], str]:
+    """Flat parameters and the name messages use for them: the file's path, or
+    `source_name` (e.g. where a loaded tree came from)."""
     if isinstance(source, Mapping):
-        name = "The given parameters"
+        name = repr(source_name) if source_name else "The given parameters"
         return _normalise_layout(flatten_params(source), name), name
     path = os.fspath(source)
     return flatten_params(load_npz(path)), repr(path)
@@ -546,7 +580,8 @@ def _adapt_token_mixing(file_flat, plan: _TokenMixingPlan, file: Architecture,
 def load_pretrained(source: PathLike | Params, init_params: Params, *,
                     reset_head: bool | None = None, token_mixing: str = "auto",
                     image_size: ImageSize | None = None,
-                    source_image_size: ImageSize | None = None) -> dict:
+                    source_image_size: ImageSize | None = None,
+                    source_name: str | None = None) -> dict:
     """Parameters for a new model, from a pre-trained `.npz` (or an already loaded tree).
 
     Args:
@@ -570,6 +605,8 @@ def load_pretrained(source: PathLike | Params, init_params: Params, *,
       image_size: the new model's image size (int or (height, width)); only needed
         when its patch grid is not square. Default: square grid from init_params.
       source_image_size: the pre-training image size, if not square.
+      source_name: where an already loaded `source` tree came from (its path), for the
+        log and error messages.
 
     Raises:
       CheckpointError naming the key, expected and found shapes and the likely
@@ -579,8 +616,9 @@ def load_pretrained(source: PathLike | Params, init_params: Params, *,
     if set(init_params) == {"params"}:  # a Flax variables dict: answer in kind
         return {"params": load_pretrained(
             source, init_params["params"], reset_head=reset_head, token_mixing=token_mixing,
-            image_size=image_size, source_image_size=source_image_size)}
-    file_flat, name = _flat_source(source)
+            image_size=image_size, source_image_size=source_image_size,
+            source_name=source_name)}
+    file_flat, name = _flat_source(source, source_name)
     model_flat = flatten_params(init_params)
     file, model = _describe(file_flat, name), _describe(model_flat, "The model")
     _check_variant(file_flat, model_flat, file, model, name)

@@ -25,12 +25,12 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from absl import app, flags, logging
 
-import dataclasses
-
-from mixer_jax import checkpoint, metric_writers, models, timm_weights, train_checkpoint
+from mixer_jax import checkpoint, cli, models, timm_weights, train_checkpoint
 
 COMMANDS = ("npz-to-orbax", "orbax-to-npz", "timm-to-npz", "timm-to-orbax", "npz-to-timm",
             "orbax-to-timm")
@@ -126,7 +126,6 @@ def main(argv) -> None:
                              "[--model=NAME]")
     if not FLAGS.out:
         raise app.UsageError("--out is required.")
-    metric_writers.quiet_library_logs()
     sources = {"npz": ("--npz", FLAGS.npz), "orbax": ("--checkpoint", FLAGS.checkpoint),
                "timm": ("--timm", FLAGS.timm)}
     flag, source = sources[argv[1].split("-to-")[0]]
@@ -144,4 +143,4 @@ def main(argv) -> None:
     commands[argv[1]]()
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, flag_values=FLAGS)

@@ -2,8 +2,9 @@
 
 A notebook uses a published checkpoint (`gs://mixer_models/...`, fetched over HTTPS)
 when the runtime can reach it, and otherwise Mixer-Ti/4 trained on the embedded
-digits with `configs/default.py` (about a minute on a CPU), trained once and shared
-by the notebooks through `cache_dir()`.
+digits with the shipped `default` config (about a minute on a CPU), trained once and
+shared by the notebooks through `cache_dir()`. Everything here works from a plain
+`pip install` (the configs ship inside the package).
 
 Small mode (`MIXER_JAX_NOTEBOOK_SMALL=1`, set by the test suite) forces the offline
 path and tiny step counts, so every notebook runs top to bottom in seconds.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import logging as py_logging
 import os
 import pathlib
 import shutil
@@ -24,6 +24,8 @@ import urllib.request
 import ml_collections
 import numpy as np
 from absl import logging
+
+from mixer_jax import cli
 
 SMALL_ENV = "MIXER_JAX_NOTEBOOK_SMALL"
 CACHE_ENV = "MIXER_JAX_NOTEBOOK_DIR"
@@ -44,19 +46,12 @@ def cache_dir() -> pathlib.Path:
     return path
 
 
-def repo_root() -> pathlib.Path:
-    """The checkout holding `mixer_jax/` and `configs/` (a clone, as the install cell makes)."""
-    root = pathlib.Path(__file__).resolve().parents[1]
-    if not (root / "configs").is_dir():
-        raise FileNotFoundError(
-            f"No configs/ directory next to the mixer_jax package ({root}): the notebooks "
-            "need a clone of the repository (git clone, then pip install -e '.[notebook]').")
-    return root
-
-
 def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """`configs/<name>.py` of the checkout, as `--config=configs/<name>.py[:arg]` gives it."""
-    path = repo_root() / "configs" / f"{name}.py"
+    """A shipped config (`configs/<name>.py`, installed with the package), as
+    `--config=<name>[:arg]` gives it."""
+    from mixer_jax import train_config
+
+    path = train_config.config_path(name)
     spec = importlib.util.spec_from_file_location(f"mixer_jax_config_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -112,10 +107,10 @@ def fetch(url: str, directory: str | os.PathLike | None = None) -> pathlib.Path:
 
 
 def digits_checkpoint(total_steps: int | None = None) -> pathlib.Path:
-    """Mixer-Ti/4 trained on the embedded digits (`configs/default.py`), as a published-layout npz.
+    """Mixer-Ti/4 trained on the embedded digits (shipped `default` config), as a published npz.
 
     Trained the first time only (its training run resumes if it was interrupted);
-    `total_steps` defaults to the config's (300, ~97% test accuracy) or 20 in small mode.
+    `total_steps` defaults to the config's (200) or 20 in small mode.
     """
     from mixer_jax import convert, train
 
@@ -165,18 +160,11 @@ def digits_folder(*, invert: bool = True) -> pathlib.Path:
     return root
 
 
-class _OnlyMixerJax(py_logging.Filter):
-    """Keeps mixer_jax's INFO lines (progress, evaluations); other libraries' warnings only."""
-
-    def filter(self, record: py_logging.LogRecord) -> bool:
-        ours = f"{os.sep}mixer_jax{os.sep}" in record.pathname
-        return ours or record.levelno >= py_logging.WARNING
-
-
 @contextlib.contextmanager
 def training_progress():
-    """Shows the training loop's progress lines (absl INFO) inside the `with` block."""
-    verbosity, only_ours = logging.get_verbosity(), _OnlyMixerJax()
+    """Shows the training loop's progress (absl INFO lines, a live bar in notebooks) inside
+    the `with` block; other libraries' warnings only."""
+    verbosity, only_ours = logging.get_verbosity(), cli.OURS_OR_WARNINGS
     logging.set_verbosity(logging.INFO)
     logging.get_absl_logger().addFilter(only_ours)
     try:

@@ -1,5 +1,8 @@
 """Class names for predictions: ImageNet-1k, tfds datasets, image folders, text files.
 
+`checkpoint_names(checkpoint, num_classes)`: the names a training run stored with its
+checkpoints (folder names, tfds label names), else those `label_names(None, ...)` gives.
+
 `label_names(source, num_classes)` resolves a `source`:
   None                       by class count: 1000 -> ImageNet-1k names; else none;
   "imagenet2012"/"imagenet1k" human-readable ImageNet-1k names (shipped inside
@@ -16,9 +19,15 @@ from __future__ import annotations
 
 import os
 
+from mixer_jax.errors import UserError
+
 IMAGENET1K_CLASSES = 1000
 IMAGENET21K_CLASSES = 21843
 _IMAGENET1K_SOURCES = ("imagenet2012", "imagenet1k", "imagenet")
+
+
+class LabelsError(UserError, ValueError):
+    """Class names that cannot be had from the given source, explained."""
 
 
 def imagenet1k_names() -> list[str]:
@@ -42,15 +51,19 @@ def folder_names(directory: str) -> list[str]:
     names = sorted(e.name for e in os.scandir(root)
                    if e.is_dir() and not e.name.startswith("."))
     if not names:
-        raise ValueError(f"No class directories in {root!r}; expected "
+        raise LabelsError(f"No class directories in {root!r}; expected "
                          f"{directory}/train/<class>/<image files>.")
     return names
 
 
 def file_names(path: str) -> list[str]:
     """One class name per line (trailing whitespace and a final empty line dropped)."""
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip() for line in f.read().rstrip("\n").split("\n")]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip() for line in f.read().rstrip("\n").split("\n")]
+    except UnicodeDecodeError as e:
+        raise LabelsError(f"Label file {path!r} is not UTF-8 text ({e.reason} at byte "
+                          f"{e.start}); save it as UTF-8, one class name per line.") from None
 
 
 def tfds_names(name: str, data_dir: str | None = None) -> list[str] | None:
@@ -61,16 +74,35 @@ def tfds_names(name: str, data_dir: str | None = None) -> list[str] | None:
     """
     import tensorflow_datasets as tfds
 
-    import mixer_jax.input_pipeline  # noqa: F401  (registers the embedded digits dataset)
+    from mixer_jax import sklearn_digits  # registers the embedded digits dataset
     try:
         features = tfds.builder(name, data_dir=data_dir).info.features
     except Exception as e:  # tfds raises many types for unknown names
-        raise ValueError(f"Cannot get class names of tfds dataset {name!r}: {e}") from e
+        raise LabelsError(f"Cannot get class names of tfds dataset {name!r}: {e}") from e
     label = features["label"] if "label" in features else None
     if label is None or not hasattr(label, "names"):
-        raise ValueError(f"tfds dataset {name!r} has no 'label' class feature.")
+        raise LabelsError(f"tfds dataset {name!r} has no 'label' class feature.")
     names = list(label.names)
+    if name == sklearn_digits.NAME:  # digits are their own names
+        return names
     return None if names == [str(i) for i in range(len(names))] else names
+
+
+def checkpoint_names(checkpoint: str, num_classes: int | None) -> list[str] | None:
+    """The class names stored with a training run's checkpoint (`checkpoint`: its workdir,
+    checkpoints, step or `params` directory), else `label_names(None, num_classes)`."""
+    if os.path.isdir(checkpoint):
+        from mixer_jax import train_checkpoint  # orbax: only for checkpoint directories
+
+        path = os.path.dirname(checkpoint.rstrip(os.sep)) if (
+            os.path.basename(checkpoint.rstrip(os.sep)) == "params") else checkpoint
+        try:
+            names = train_checkpoint.read_meta(path).get("class_names")
+        except (FileNotFoundError, ValueError):
+            names = None
+        if names and len(names) == num_classes:
+            return names
+    return label_names(None, num_classes)
 
 
 def label_names(source: str | None, num_classes: int | None, *,
@@ -86,17 +118,17 @@ def label_names(source: str | None, num_classes: int | None, *,
     if source.lower() in _IMAGENET1K_SOURCES:
         names = imagenet1k_names()
     elif source.lower() == "imagenet21k":
-        raise ValueError("No installed package ships the ImageNet-21k class names; pass "
+        raise LabelsError("No installed package ships the ImageNet-21k class names; pass "
                          f"a text file with {IMAGENET21K_CLASSES} lines (class i on line i).")
     elif os.path.isdir(source):
         names = folder_names(source)
     elif os.path.isfile(source):
         names = file_names(source)
     elif os.sep in source or source.endswith(".txt"):
-        raise ValueError(f"Label file or folder {source!r} does not exist.")
+        raise LabelsError(f"Label file or folder {source!r} does not exist.")
     else:
         names = tfds_names(source, data_dir)
     if names is not None and num_classes is not None and len(names) != num_classes:
-        raise ValueError(f"Label source {source!r} has {len(names)} classes but the model "
+        raise LabelsError(f"Label source {source!r} has {len(names)} classes but the model "
                          f"has {num_classes} outputs.")
     return names

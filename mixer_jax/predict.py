@@ -11,7 +11,10 @@ RGB and preprocessed as the published checkpoints were evaluated: shorter side
 resized to crop * 256/224, centre crop, values in [-1, 1]
 (`input_pipeline.preprocess_for_eval`). Files are read in parallel and run in
 batches of `--batch`. An unreadable file is reported and skipped; the exit
-status is then 1.
+status is then 1. Class names: `--labels`, else those a training run stored with
+its checkpoints (folder names, tfds label names), else ImageNet-1k's for a
+1000-class head. A bad checkpoint or flag prints one line and exits with status 2
+(`mixer_jax.cli`).
 """
 from __future__ import annotations
 
@@ -32,12 +35,8 @@ from flax.traverse_util import flatten_dict
 from PIL import Image, ImageOps
 
 from mixer_jax import checkpoint as ckpt
-from mixer_jax import host_memory, input_pipeline, labels, models, steps
+from mixer_jax import cli, host_memory, input_pipeline, labels, models, steps, train_config
 from mixer_jax.errors import UserError
-
-# The paper's evaluation: resize the shorter side to 256, centre crop 224.
-EVAL_RESIZE_RATIO = 256 / 224
-
 
 class PredictError(UserError, ValueError):
     """A bad checkpoint path, image file or model choice, explained."""
@@ -134,7 +133,7 @@ def load_image(path: str) -> np.ndarray:
 
 def prepare_image(path: str, image_size: int, resize: int | None) -> np.ndarray:
     """File -> float32 [image_size, image_size, 3] in [-1, 1], as the checkpoints expect."""
-    resize = round(image_size * EVAL_RESIZE_RATIO) if resize is None else resize
+    resize = train_config.eval_resize(image_size) if resize is None else resize
     image = input_pipeline.preprocess_for_eval(load_image(path), image_size, resize=resize)
     return np.asarray(image, np.float32)
 
@@ -213,8 +212,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("variant", None, "Expected variant, e.g. Mixer-B_16 (checked "
                         "against the file; read from it when omitted).", flag_values=fv)
     flags.DEFINE_string("labels", None, "Class names: imagenet2012, a tfds dataset name, an "
-                        "image folder, or a text file (default: ImageNet-1k names for a "
-                        "1000-class head).", flag_values=fv)
+                        "image folder, or a text file (default: the names a training run "
+                        "stored with its checkpoints, else ImageNet-1k names for a 1000-class "
+                        "head).", flag_values=fv)
     flags.DEFINE_string("tfds_data_dir", None, "tfds data dir for --labels.", flag_values=fv)
     flags.DEFINE_integer("top_k", 5, "Classes shown per image.", flag_values=fv)
     flags.DEFINE_integer("batch", 32, "Images per model call.", flag_values=fv)
@@ -238,12 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     if {"-h", "--help", "--helpfull"} & set(argv[1:]):
         print(__doc__ + "\nFlags:\n" + fv.get_help())
         return 0
-    files = fv(argv)[1:]
+    files = cli.parse_flags(argv, fv)[1:]
     if not files:
         raise PredictError("No image files given.")
     loaded = load_model(fv.checkpoint, variant=fv.variant, image_size=fv.image_size,
                         dtype=jnp.dtype(fv.dtype))
-    names = labels.label_names(fv.labels, loaded.model.num_classes, data_dir=fv.tfds_data_dir)
+    names = (labels.label_names(fv.labels, loaded.model.num_classes, data_dir=fv.tfds_data_dir)
+             if fv.labels else labels.checkpoint_names(fv.checkpoint, loaded.model.num_classes))
     if names is None:
         print(f"(no class names known for {fv.labels or 'this checkpoint'}'s "
               f"{loaded.model.num_classes} classes; --labels=<names.txt> gives them)",
@@ -257,7 +258,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     host_memory.retain_freed_memory()
-    try:
-        sys.exit(main())
-    except (ValueError, flags.Error) as e:  # PredictError, CheckpointError, bad flags
-        sys.exit(f"error: {e}")
+    cli.run(lambda argv: main(argv[1:]))

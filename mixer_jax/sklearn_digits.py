@@ -19,12 +19,14 @@ processes start at once. From the command line:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
 NAME = "sklearn_digits"
@@ -56,6 +58,14 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
             homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
         )
 
+    # tfds prints "Downloading and preparing dataset ..." and "... downloaded": nothing is
+    # downloaded here, and the build takes a second, so one log line says what happens.
+    def _log_download_bytes(self) -> None:
+        logging.info("Building the embedded %s dataset (no download, about a second).", NAME)
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _split_generators(self, dl_manager):
         del dl_manager  # The data ships with scikit-learn: nothing to download.
         order = _split_order()
@@ -84,6 +94,17 @@ def _split_order() -> np.ndarray:
     return np.random.RandomState(_SPLIT_SEED).permutation(NUM_IMAGES)
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """tfds' build progress bars (a second's worth of them) off, then as they were."""
+    was_active = getattr(tfds.core.utils.tqdm_utils, "_active", True)
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(was_active)
+
+
 def prepare(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     """Returns the prepared `sklearn_digits` builder, building it first if needed.
 
@@ -104,7 +125,8 @@ def prepare(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     tmp_root = tempfile.mkdtemp(prefix=f".{NAME}-build-", dir=root)
     try:
         tmp_builder = SklearnDigits(data_dir=tmp_root)
-        tmp_builder.download_and_prepare(download_config=config)
+        with _no_progress_bars():
+            tmp_builder.download_and_prepare(download_config=config)
         target = os.fspath(builder.data_path)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 
 import jax
 import ml_collections
@@ -104,7 +105,7 @@ def _load_pretrained(path, pretrained, strategy, state, config):
         pretrained = _read_pretrained(path)
     params = checkpoint.load_pretrained(
         pretrained, _host_params(strategy, state), reset_head=config.reset_head,
-        token_mixing=config.token_mixing, image_size=config.pp.crop)
+        token_mixing=config.token_mixing, image_size=config.pp.crop, source_name=path)
     logging.info("Fine-tuning from %s.", path)
     return strategy.with_params(state, params)
 
@@ -211,6 +212,8 @@ def prepare(config: ml_collections.ConfigDict, ckpt: train_checkpoint.TrainCheck
     train_config.validate(config, num_devices=jax.device_count(),
                           process_count=jax.process_count())
     info = input_pipeline.get_dataset_info(config)
+    train_config.check_before_training(config, info)
+    ckpt.class_names = info.label_names  # stored with the checkpoints, for predict
     path = pretrained_path(config)
     overrides, pretrained = _model_overrides(config, ckpt, path)
     model = create_model(config, info.num_classes, **overrides)
@@ -246,8 +249,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(train_checkpoint.TrainCheckpointer(
             workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints))
-        run = prepare(config, ckpt)
-        writer = metric_writers.MetricWriter(workdir, resume_step=run.start_step)
+        with metric_writers.phase("Setting up data, model and parameters"):
+            run = prepare(config, ckpt)
+        writer = metric_writers.MetricWriter(workdir, resume_step=run.start_step,
+                                             config=run.config)
         stack.callback(writer.close)
         return _train_loop(run, ckpt, writer)
 
@@ -256,16 +261,28 @@ def _train_loop(run: Run, ckpt, writer) -> dict:
     config, strategy, state, start_step = run.config, run.strategy, run.state, run.start_step
     total = config.total_steps
     progress = metric_writers.Progress(total, config.batch, start_step)
+    if start_step < total:
+        logging.info("Training %s steps %d-%d, global batch %d, on %d %s device(s).",
+                     config.model_name, start_step + 1, total, config.batch,
+                     jax.device_count(), jax.devices()[0].platform)
     final = {"step": start_step}
+    evaluated = False
     pending = []  # device metrics of the steps not yet checked (fetching syncs: done rarely)
     batches = strategy.prefetch(
         input_pipeline.train_dataset(config, start_step=start_step).as_numpy_iterator())
     for step in range(start_step + 1, total + 1):
-        state, metrics = strategy.train_step(state, next(batches))
-        pending.append(metrics)
         if step == start_step + 1:  # the first step compiles: time throughput after it
-            jax.block_until_ready(metrics)
+            with progress.phase("Reading the first batch"):
+                batch = next(batches)
+            with progress.phase("Compiling and running the first train step"):
+                state, metrics = jax.block_until_ready(strategy.train_step(state, batch))
             progress.restart(step)
+        else:
+            state, metrics = strategy.train_step(state, next(batches))
+            if progress.wants_step_lines:  # until the first report: a line per slow step
+                jax.block_until_ready(metrics)
+        progress.step(step)
+        pending.append(metrics)
         last = step == total
         preempted = ckpt.reached_preemption(step)
         report = step % config.progress_every == 0 or last or preempted
@@ -286,10 +303,9 @@ def _train_loop(run: Run, ckpt, writer) -> dict:
         if save:
             ckpt.save(step, strategy.to_saveable(state), config)
         if do_eval:
-            scores = evaluate(strategy, state, config)
-            logging.info("Eval at step %d: top-1 %.4f, top-5 %.4f, loss %.4f (%d examples).",
-                         step, scores["eval_top1"], scores["eval_top5"], scores["eval_loss"],
-                         scores["eval_count"])
+            scores = _timed_evaluate(strategy, state, config, step, first=not evaluated)
+            evaluated = True
+            progress.restart(step)  # throughput excludes evaluations
             writer.write(step, scores)
             final.update(scores)
         final["step"] = step
@@ -297,10 +313,26 @@ def _train_loop(run: Run, ckpt, writer) -> dict:
             logging.warning("Preemption notice: saved step %d and stopped; rerun to resume.", step)
             final["preempted"] = True
             break
+    progress.close()
     if start_step >= total:  # resumed a finished run: just evaluate it
         final.update(evaluate(strategy, state, config))
     ckpt.wait()
     return final
+
+
+def _timed_evaluate(strategy, state, config, step: int, *, first: bool) -> dict:
+    """`evaluate`, logged with its duration (the first one compiles: announced first).
+    Top-5 is logged only with more than 5 classes (else it is always 1)."""
+    start = time.monotonic()
+    if first:
+        logging.info("Evaluating at step %d (the first evaluation compiles) ...", step)
+    scores = evaluate(strategy, state, config)
+    top5 = (f", top-5 {scores['eval_top5']:.4f}"
+            if strategy.model.num_classes > 5 else "")
+    logging.info("Eval at step %d: top-1 %.4f%s, loss %.4f (%d examples, %.1f s).", step,
+                 scores["eval_top1"], top5, scores["eval_loss"], scores["eval_count"],
+                 time.monotonic() - start)
+    return scores
 
 
 def _log_config_changes(saved: dict | None, config) -> None:

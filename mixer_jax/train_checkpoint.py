@@ -3,7 +3,8 @@
 Layout, in `<workdir>/checkpoints/<step>/` (one directory per saved step):
   params/  the model parameters (the model's own layout, per-block or scanned);
   train/   {'step', 'opt_state', 'rng'}: the rest of the TrainState;
-  meta/    JSON: {'step', 'config'} (the config the run used).
+  meta/    JSON: {'step', 'config', 'class_names'} (the config the run used, and the
+           names of its classes when the dataset has them: `predict` shows them).
 The data position is the step: `input_pipeline.train_dataset(config, start_step=step)`
 yields exactly the batches an uninterrupted run sees from there on.
 
@@ -30,6 +31,7 @@ class TrainCheckpointer:
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
         self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+        self.class_names: list[str] | None = None  # stored with every step (set by train)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -47,6 +49,8 @@ class TrainCheckpointer:
     def save(self, step: int, state, config=None) -> None:
         """Starts saving `state` (a saveable TrainState) as `step`; returns before it is written."""
         meta = {"step": int(step), "config": jsonable_config(config)}
+        if self.class_names is not None:
+            meta["class_names"] = list(self.class_names)
         self._manager.save(int(step), force=True, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             train=ocp.args.StandardSave(_train_part(state)),
@@ -125,6 +129,14 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int
     if step not in steps:
         raise FileNotFoundError(f"No checkpoint of step {step} in {root}; it has {sorted(steps)}.")
     return root, step
+
+
+def read_meta(path: str, step: int | None = None) -> dict:
+    """The `meta` JSON of a checkpoint (workdir, checkpoints or step directory; latest step
+    unless `step`), or {} for one written without it (e.g. by `convert npz-to-orbax`)."""
+    root, step = find_checkpoint(path, step)
+    file = root / str(step) / "meta" / "metadata"
+    return json.loads(file.read_text()) if file.exists() else {}
 
 
 def stored_params_shapes(path: str, step: int | None = None) -> dict:

@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import os
+import pathlib
 
 import jax.numpy as jnp
 import ml_collections
@@ -225,6 +228,36 @@ def validate(config, *, num_devices: int | None = None, process_count: int = 1) 
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
 
 
+def check_before_training(config, info) -> None:
+    """Raises ConfigError listing every problem that needs the dataset to be seen, so that
+    a run fails at start-up instead of at its first evaluation (`validate` checks the rest).
+
+    `info`: the dataset's `input_pipeline.DatasetInfo` (class count, split sizes).
+    """
+    problems = []
+    crop, resize = config.pp.crop, config.pp.get("resize")
+    if resize and resize < crop:
+        problems.append(
+            f"pp.resize={resize} (the eval images' shorter side before the centre crop) is "
+            f"smaller than pp.crop={crop}: set pp.resize={eval_resize(crop)} (256/224 of "
+            "the crop, as the paper evaluates) or pp.resize=None (resize straight to the crop)")
+    for key, count in (("pp.train", info.num_train_examples),
+                       ("pp.test", info.num_eval_examples)):
+        if not count:
+            problems.append(f"{key}={config.pp[key.split('.')[1]]!r} selects no examples "
+                            f"of {config.dataset!r}")
+    if info.num_classes < 2:
+        problems.append(f"{config.dataset!r} has {info.num_classes} class(es); a classifier "
+                        "needs at least 2")
+    if problems:
+        raise ConfigError("Invalid config for this dataset:\n  - " + "\n  - ".join(problems))
+
+
+def eval_resize(crop: int) -> int:
+    """The paper's evaluation resize for a crop: 256/224 of it (224 -> 256, 448 -> 512)."""
+    return round(crop * 256 / 224)
+
+
 def with_defaults(config) -> ml_collections.ConfigDict:
     """A copy of `config` with every key it lacks taken from `base_config()`."""
     merged = base_config()
@@ -240,3 +273,34 @@ def _merge_into(target, source):
             _merge_into(target[key], value)
         else:
             target[key] = value
+
+
+# ------------------------------------------------------------------------ shipped configs
+
+
+def configs_dir() -> pathlib.Path:
+    """The folder of the shipped configs: `mixer_jax/configs` in an installed package (the
+    wheel carries the repository's `configs/` there), else `configs/` of the checkout."""
+    spec = importlib.util.find_spec("mixer_jax.configs")
+    if spec is not None and spec.submodule_search_locations:
+        return pathlib.Path(list(spec.submodule_search_locations)[0])
+    return pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped configs, e.g. ['default', 'mixer_b16_cifar10', ...]."""
+    return sorted(p.stem for p in configs_dir().glob("*.py") if not p.stem.startswith("_"))
+
+
+def config_path(name_or_path: str) -> str:
+    """`--config` value -> a config file: an existing path as it is; a shipped config's
+    name (`default`, `mixer_b16_folder.py`, `configs/default.py`) -> its shipped file.
+    A `:argument` suffix is kept."""
+    path, colon, argument = name_or_path.partition(":")
+    if os.path.exists(path):
+        return name_or_path
+    name = os.path.basename(path).removesuffix(".py")
+    if name in shipped_configs() and os.path.dirname(path) in ("", "configs"):
+        return str(configs_dir() / f"{name}.py") + colon + argument
+    raise ConfigError(f"No config file {path!r}; give a path to a .py config or one of the "
+                      f"shipped configs: {', '.join(shipped_configs())}.")

@@ -7,6 +7,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 import distributed_worker
 from tiny_training import reference_run, reference_setup, synthetic_batch
@@ -68,6 +69,7 @@ def run_workers(tmp_path, num_processes=2, devices_per_process=4):
     return [dict(np.load(out)) for out in outs]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     results = run_workers(tmp_path)
     expected, expected_losses = reference_run(

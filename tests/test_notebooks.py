@@ -1,7 +1,8 @@
 """Every notebook runs top to bottom (small, offline mode); the helpers they use.
 
 The notebooks run in a Jupyter kernel of this interpreter (a kernelspec written to a
-temporary directory), with `MIXER_JAX_NOTEBOOK_SMALL=1` (offline path, tiny step
+temporary directory), in a temporary folder, with mixer_jax from a non-editable install
+of its wheel (`installed_package`), with `MIXER_JAX_NOTEBOOK_SMALL=1` (offline path, tiny step
 counts), one CPU device and a cache directory shared by the notebooks of this module
 (the first one trains the offline digits model, the others reuse it). The test
 appends a cell of checks to each notebook before running it.
@@ -9,6 +10,7 @@ appends a cell of checks to each notebook before running it.
 import json
 import os
 import pathlib
+import re
 import sys
 import tempfile
 import threading
@@ -64,6 +66,12 @@ assert sizes["block_diagonal"][0] == 4 * sizes["reinit"][0]  # D_S grows with th
 """,
 }
 
+# The kernel ran the installed package (not the repository), quietly.
+INSTALLED_CHECK = """
+import os, mixer_jax
+assert mixer_jax.__file__.startswith(os.environ["MIXER_JAX_EXPECTED_INSTALL"]), mixer_jax.__file__
+"""
+
 
 @pytest.fixture(scope="module")
 def kernel_dirs(tmp_path_factory):
@@ -83,13 +91,16 @@ def notebook_cache(tmp_path_factory):
 
 
 @pytest.fixture
-def kernel_env(monkeypatch, notebook_cache):
-    """The environment the kernel inherits: small mode, one CPU device, private dirs."""
+def kernel_env(monkeypatch, notebook_cache, installed_package):
+    """The environment the kernel inherits: small mode, one CPU device, private dirs, and
+    mixer_jax from a plain (non-editable) install, as a user's `pip install` gives it."""
     monkeypatch.setenv(demo.SMALL_ENV, "1")
     monkeypatch.setenv(demo.CACHE_ENV, str(notebook_cache))
     monkeypatch.setenv("TFDS_DATA_DIR", str(notebook_cache / "tensorflow_datasets"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        [str(installed_package)] +
+        [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    monkeypatch.setenv("MIXER_JAX_EXPECTED_INSTALL", str(installed_package))
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
     monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
@@ -115,17 +126,22 @@ def test_committed_notebook_has_no_outputs(path):
     assert "widgets" not in notebook.metadata
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, kernel_dirs, kernel_env):
+def test_notebook_runs(path, kernel_dirs, kernel_env, tmp_path):
     notebook = nbformat.read(path, as_version=4)
-    notebook.cells.append(nbformat.v4.new_code_cell(CHECKS[path.name]))
+    notebook.cells.append(nbformat.v4.new_code_cell(CHECKS[path.name] + INSTALLED_CHECK))
     manager = KernelManager(kernel_name=KERNEL,
                             kernel_spec_manager=KernelSpecManager(kernel_dirs=kernel_dirs))
     client = NotebookClient(notebook, km=manager, timeout=CELL_TIMEOUT, kernel_name=KERNEL,
-                            resources={"metadata": {"path": str(path.parent)}})
+                            resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert any("image/png" in o.get("data", {}) for o in outputs), "no figure was drawn"
+    streams = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    noise = re.search(r".*(cuInit|oneDNN|InitializeLog|xla_bridge|Downloading and preparing|"
+                      r"reader\.py).*", streams)
+    assert noise is None, noise.group(0)
 
 
 # ------------------------------------------------------------------ visualize

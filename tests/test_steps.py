@@ -55,7 +55,7 @@ def test_split_microbatches_strided():
         steps.split_microbatches(batch, 3)
 
 
-@pytest.mark.parametrize("microbatch", [1, 4, 16, 64])
+@pytest.mark.parametrize("microbatch", [pytest.param(1, marks=pytest.mark.slow), 4, 16, 64])
 def test_forward_in_microbatches_keeps_input_order(microbatch):
     model, _, state = reference_setup()
     images = synthetic_batch(5)["image"]

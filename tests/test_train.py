@@ -100,6 +100,7 @@ def uninterrupted(tmp_path_factory, data_dir):
     return workdir, train.train_and_evaluate(tiny_config(data_dir), workdir)
 
 
+@pytest.mark.slow
 def test_run_killed_hard_and_resumed_ends_bitwise_identical(tmp_path, data_dir, uninterrupted):
     workdir = str(tmp_path / "killed")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -126,6 +127,7 @@ def test_run_killed_hard_and_resumed_ends_bitwise_identical(tmp_path, data_dir, 
     assert [r.get("loss") for r in resumed_log] == [r.get("loss") for r in reference_log]
 
 
+@pytest.mark.slow
 def test_logs_progress_tensorboard_and_eval_over_every_example(uninterrupted, data_dir):
     workdir, final = uninterrupted
     records = metric_writers.read_metrics(workdir)
@@ -147,6 +149,7 @@ def test_logs_progress_tensorboard_and_eval_over_every_example(uninterrupted, da
     assert train_checkpoint.TrainCheckpointer(workdir).all_steps() == [20, 30]
 
 
+@pytest.mark.slow
 def test_resuming_with_an_incompatible_config_says_so(uninterrupted, data_dir):
     config = tiny_config(data_dir, model__scan=True)  # stacked blocks: another param tree
     with train_checkpoint.TrainCheckpointer(uninterrupted[0]) as ckpt:
@@ -165,6 +168,7 @@ def test_progress_line_shows_step_loss_rate_throughput_and_eta():
     assert lines == ["step   10/1000 | loss 2.5 | learning_rate 0.001 | 64.0 img/s | ETA 16m30s"]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     # Plain SGD with a huge rate and no clipping: the loss overflows after a few steps.
     config = tiny_config(data_dir, optim="sgd", momentum=0.0, base_lr=1e4, grad_norm_clip=None,
@@ -196,6 +200,7 @@ def write_parity_folder(root: pathlib.Path, data_dir: str) -> None:
             Image.fromarray(example["image"]).save(path)
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_npz_starts_from_it_and_transfers_to_a_new_task(
         tmp_path, data_dir, uninterrupted):
     # The 10-class digits run, exported to the published npz layout...

@@ -30,10 +30,15 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from mixer_jax import host_memory, mix, models, parallel
+from mixer_jax import cli, host_memory, mix, models, parallel
 from mixer_jax.benchmark import measure, mixing, pipeline, report, sharding
+from mixer_jax.errors import UserError
 
 MODES = ("inference", "train", "pipeline", "sharding", "mix")
+
+
+class BenchmarkError(UserError, ValueError):
+    """A bad combination of benchmark flags."""
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
@@ -95,13 +100,13 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
     modes = list(fv.mode)
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
-        raise ValueError(f"Unknown mode(s) {unknown}; known: {', '.join(MODES)}.")
+        raise BenchmarkError(f"Unknown mode(s) {unknown}; known: {', '.join(MODES)}.")
     config = fv.config
     if "pipeline" in modes and config is None:
-        raise ValueError("--mode=pipeline needs --config=<training config file>.")
+        raise BenchmarkError("--mode=pipeline needs --config=<training config file>.")
     variant = fv.variant or (config.get("model_name") if config else None) or "Mixer-B_16"
     if variant.replace("/", "_") not in models.VARIANTS:
-        raise ValueError(f"Unknown variant {variant!r}; known: {', '.join(models.VARIANTS)}.")
+        raise BenchmarkError(f"Unknown variant {variant!r}; known: {', '.join(models.VARIANTS)}.")
     image_size = fv.image_size or (config.pp.crop if config else 224)
 
     def per_device_batch(devices: int) -> int:  # the config's global batch split, else 32
@@ -171,11 +176,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parses `argv` (default sys.argv), runs, prints the report; returns the results."""
     argv = sys.argv if argv is None else ["benchmark", *argv]
     fv = flags.FlagValues()
+    argv = cli.with_config_paths(argv)
     define_flags(fv, argv)
     if {"-h", "--help", "--helpfull"} & set(argv[1:]):
         print(__doc__ + "\nFlags:\n" + fv.get_help())
         return {}
-    fv(argv)
+    cli.parse_flags(argv, fv)
     if "sharding" in fv.mode:
         try:  # simulated devices for the mesh; only possible before jax starts
             jax.config.update("jax_num_cpu_devices", max(int(n) for n in fv.mesh))
@@ -196,7 +202,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     host_memory.retain_freed_memory()
-    try:
-        main()
-    except (ValueError, flags.Error) as e:
-        sys.exit(f"error: {e}")
+    cli.run(lambda argv: main(argv[1:]) and None)

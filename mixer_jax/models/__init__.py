@@ -7,6 +7,8 @@ from mixer_jax.models import mixer  # noqa: F401  (registers the family)
 from mixer_jax.models import gmixer  # noqa: F401  (registers the family)
 from mixer_jax.models import resmlp  # noqa: F401  (registers the family)
 from mixer_jax.models import gmlp  # noqa: F401  (registers the family)
+from mixer_jax.models import sequencer  # noqa: F401  (registers the family)
+from mixer_jax.models import metaformer  # noqa: F401  (registers the MetaFormer families)
 from mixer_jax.models.layers import drop_path
 from mixer_jax.models.mixer import (BLOCK_PREFIX, MODEL_FIELDS, SCANNED_BLOCKS, VARIANTS,
                                     MixerBlock, MlpBlock, MlpMixer, stack_blocks,

@@ -1,0 +1,1 @@
+"""The shipped training configs (installed as `mixer_jax.configs`): `--config=<name>`."""
