@@ -28,8 +28,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import math
 import os
 import re
+import types
 import uuid
 import zipfile
 from collections.abc import Mapping
@@ -249,6 +251,52 @@ def _read_bytes(path: str) -> bytes:
         raise CheckpointError(f"Cannot read {path!r}: {e.message}") from e
 
 
+# The largest array of any published Mixer is Mixer-H/14's 21k-class head (112 MiB); no
+# member may claim more than this before it is inflated (a deflated zip member can expand
+# 1000-fold: a 14 MB file can hold a 14 GB "array").
+MAX_ARRAY_BYTES = 2**31
+_MAX_CLASSES = 2**17  # a head wider than this is not a classifier anyone trained
+_BFLOAT16 = np.dtype(jax.numpy.bfloat16)
+
+
+def _member_header(npz, key: str, path: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) that member `key` declares, checked against its size; nothing inflated."""
+    name = key + ".npy"
+    try:
+        info = npz.zip.getinfo(name)
+        with npz.zip.open(name) as member:
+            version = np.lib.format.read_magic(member)
+            shape, _, dtype = (np.lib.format.read_array_header_1_0(member) if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0(member))
+            header_size = member.tell()
+    except KeyError:
+        raise CheckpointError(f"{path!r}: member {key!r} is not an .npy array.") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path!r}: the header of array {key!r} is corrupt ({e}).") from e
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise CheckpointError(f"{path!r}: array {key!r} is truncated or corrupt ({e}); "
+                              "copy or save the file again.") from e
+    if dtype.hasobject:
+        raise CheckpointError(
+            f"{path!r}: array {key!r} is an object array. Object arrays are never loaded "
+            "(unpickling can execute code); parameter files hold plain float arrays.")
+    if not (np.issubdtype(dtype, np.floating) or dtype == np.dtype("V2")):
+        raise CheckpointError(f"{path!r}: array {key!r} has dtype {dtype}; "
+                              "parameters must be floating point.")
+    declared = dtype.itemsize * math.prod(shape)
+    if declared > MAX_ARRAY_BYTES:
+        raise CheckpointError(
+            f"{path!r}: array {key!r} claims shape {shape} ({declared / 2**30:.1f} GiB), more "
+            f"than any Mixer parameter (at most {MAX_ARRAY_BYTES / 2**30:.0f} GiB): the file is "
+            "corrupt or crafted; it was not read.")
+    if declared != info.file_size - header_size:
+        raise CheckpointError(
+            f"{path!r}: array {key!r} claims shape {shape} of {dtype} ({declared} bytes) but its "
+            f"zip member holds {info.file_size - header_size} bytes: the file is corrupt or "
+            "crafted; it was not read.")
+    return shape, dtype
+
+
 _IS_A_DIRECTORY = ("{path!r} is a directory, not an .npz file (an orbax checkpoint directory "
                    "is restored with the training checkpoint tools, not this loader).")
 
@@ -280,23 +328,16 @@ def _write_atomically(data: bytes, path: str) -> None:
 
 
 def _read_array(npz, key: str, path: str) -> np.ndarray:
+    """Inflates one member whose header `_member_header` has accepted."""
     try:
         array = npz[key]
     except ValueError as e:
-        if "allow_pickle" in str(e):
-            raise CheckpointError(
-                f"{path!r}: array {key!r} is an object array. Object arrays are never loaded "
-                "(unpickling can execute code); parameter files hold plain float arrays."
-            ) from None
         raise CheckpointError(f"{path!r}: array {key!r} is corrupt ({e}).") from e
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise CheckpointError(f"{path!r}: array {key!r} is truncated or corrupt ({e}); "
                               "copy or save the file again.") from e
-    if not isinstance(array, np.ndarray):
-        raise CheckpointError(f"{path!r}: member {key!r} is not a numpy array.")
-    if not np.issubdtype(array.dtype, np.floating):
-        raise CheckpointError(f"{path!r}: array {key!r} has dtype {array.dtype}; "
-                              "parameters must be floating point.")
+    if array.dtype == np.dtype("V2"):  # bfloat16 as big_vision writes it: numpy knows no name
+        array = array.view(_BFLOAT16)
     finite = np.isfinite(array)
     if not finite.all():
         raise CheckpointError(
@@ -320,7 +361,26 @@ def _parse_npz(data: bytes, path: str) -> dict[str, np.ndarray]:
     with npz:
         if not npz.files:
             raise CheckpointError(f"{path!r} holds no arrays.")
+        # Every header first: a crafted member is refused before any array is inflated.
+        _check_declared_shapes({key: _member_header(npz, key, path)[0] for key in npz.files},
+                               path)
         return {key: _read_array(npz, key, path) for key in npz.files}
+
+
+def _check_declared_shapes(shapes: dict[str, tuple[int, ...]], path: str) -> None:
+    """Refuses a member larger than any array of the Mixer that the headers describe."""
+    shapes = {key.replace("\\", SEP): shape for key, shape in shapes.items()}
+    if _is_old_layout(shapes):
+        return  # renamed and squeezed later; the per-array bound applies
+    arch = _describe({k: types.SimpleNamespace(shape=v) for k, v in shapes.items()}, repr(path))
+    limit = max(arch.patch_size ** 2 * 3 * arch.hidden_dim, arch.num_tokens * arch.tokens_mlp_dim,
+                arch.hidden_dim * arch.channels_mlp_dim, arch.hidden_dim * _MAX_CLASSES)
+    for key, shape in shapes.items():
+        if math.prod(shape) > limit:
+            raise CheckpointError(
+                f"{path!r}: array {key!r} claims shape {shape}, larger than any array of the "
+                f"{arch.name} its other arrays describe (at most {limit} values): the file is "
+                "corrupt or crafted; it was not read.")
 
 
 def load_npz(path: PathLike) -> dict:
@@ -328,13 +388,20 @@ def load_npz(path: PathLike) -> dict:
 
     Accepts both published layouts; `path` may be local or any `tf.io.gfile`
     filesystem (`gs://...`). Raises `CheckpointError` for a missing, truncated or
-    non-npz file, object arrays, non-float arrays, NaN/Inf values, or a file that
-    is not an MLP-Mixer checkpoint.
+    non-npz file, object arrays, non-float arrays, NaN/Inf values, a member whose
+    header claims more than `MAX_ARRAY_BYTES` or more bytes than it holds (checked
+    before inflating it), or a file that is not an MLP-Mixer checkpoint. Arrays keep
+    their dtype (bfloat16 files from big_vision included); float16/float64 files are
+    logged, since `load_pretrained` casts them to the model's dtype.
     """
     path = os.fspath(path)
     data = _read_bytes(path)
     flat = _normalise_layout(_parse_npz(data, path), repr(path))
     _describe(flat, repr(path))  # fails early and clearly on a file that is not a Mixer
+    cast = sorted({str(v.dtype) for v in flat.values()} & {"float16", "float64"})
+    if cast:
+        _log.info("%s stores %s arrays; models load them cast to their own parameter dtype "
+                  "(float32 by default).", path, " and ".join(cast))
     _log.info("Loaded %d arrays (%.1f MiB) from %s", len(flat), len(data) / 2**20, path)
     return unflatten_params(flat)
 

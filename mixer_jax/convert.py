@@ -22,6 +22,11 @@
   python -m mixer_jax.convert npz-to-timm --npz=/tmp/digits.npz --model=Mixer-Ti_4 ...
   python -m mixer_jax.convert orbax-to-timm --checkpoint=/tmp/gmixer_24_orbax \
       --out=/tmp/gmixer_24_224.safetensors
+
+The npz commands write only a complete MLP-Mixer (every array of the architecture
+their shapes describe, a head, nothing else, all finite), checked as
+`checkpoint.load_pretrained` checks them. An existing --out is an error unless
+--overwrite is given.
 """
 from __future__ import annotations
 
@@ -29,8 +34,9 @@ import dataclasses
 
 import jax
 from absl import app, flags, logging
+from etils import epath
 
-from mixer_jax import checkpoint, cli, models, timm_weights, train_checkpoint
+from mixer_jax import checkpoint, cli, models, resolution, timm_weights, train_checkpoint
 
 COMMANDS = ("npz-to-orbax", "orbax-to-npz", "timm-to-npz", "timm-to-orbax", "npz-to-timm",
             "orbax-to-timm")
@@ -46,24 +52,63 @@ flags.DEFINE_string("out", None, "Where to write: a directory (orbax) or an .npz
 flags.DEFINE_integer("step", None, "orbax-to-*: the step to export (default: latest).")
 flags.DEFINE_bool("scan", False, "*-to-orbax (MLP-Mixer): write the stacked layout of scan=True "
                   "models.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 FLAGS = flags.FLAGS
 
 
-def npz_to_orbax(npz_path: str, out_dir: str, *, scan: bool = False) -> str:
+def validate_params(params, source: str) -> checkpoint.Architecture:
+    """The architecture of `params` if they are a complete Mixer with a head, else CheckpointError.
+
+    The check is `load_pretrained`'s: the parameters must fit, key for key and shape for
+    shape, a model built with the architecture they describe.
+    """
+    try:
+        arch = checkpoint.architecture(params)
+        if arch.num_classes is None:
+            raise checkpoint.CheckpointError("it has no head ('head/kernel', 'head/bias')")
+        grid = resolution.square_grid(arch.num_tokens)
+        model = models.MlpMixer(num_classes=arch.num_classes, **arch.model_fields())
+        shapes = models.param_shapes(model, (grid[0] * arch.patch_size,
+                                             grid[1] * arch.patch_size, 3))
+        checkpoint.load_pretrained(params, shapes, reset_head=False)
+    except (checkpoint.CheckpointError, ValueError) as error:
+        raise checkpoint.CheckpointError(
+            f"Cannot convert {source}: it is not a complete, valid MLP-Mixer ({error}).") from None
+    return arch
+
+
+def check_out(out: str, overwrite: bool) -> None:
+    """Refuses an existing `out` unless `overwrite`; then removes an existing directory."""
+    path = epath.Path(out)
+    if not path.exists():
+        return
+    if not overwrite:
+        raise checkpoint.CheckpointError(
+            f"--out {out} already exists; pass --overwrite to replace it, or choose another --out.")
+    if path.is_dir():
+        path.rmtree()
+
+
+def npz_to_orbax(npz_path: str, out_dir: str, *, scan: bool = False,
+                 overwrite: bool = False) -> str:
     """Writes the parameters of `npz_path` as a params-only orbax checkpoint (step 0)."""
     params = checkpoint.load_npz(npz_path)
+    arch = validate_params(params, repr(npz_path))
+    check_out(out_dir, overwrite)
     if scan:
         params = jax.device_get(models.stack_blocks(params))
     train_checkpoint.save_params(params, out_dir, meta={"source": str(npz_path), "scan": scan})
-    arch = checkpoint.architecture(params)
     logging.info("Wrote %s (%s, %s layout) to %s.", npz_path, arch.name,
                  "scanned" if scan else "per-block", out_dir)
     return out_dir
 
 
-def orbax_to_npz(checkpoint_path: str, out_path: str, *, step: int | None = None) -> str:
+def orbax_to_npz(checkpoint_path: str, out_path: str, *, step: int | None = None,
+                 overwrite: bool = False) -> str:
     """Writes the parameters of an orbax checkpoint to `out_path` in the published layout."""
     params = train_checkpoint.restore_params(checkpoint_path, step=step)
+    validate_params(params, repr(checkpoint_path))
+    check_out(out_path, overwrite)
     written = checkpoint.save_npz(params, out_path)
     logging.info("Wrote the parameters of %s to %s.", checkpoint_path, written)
     return written
@@ -83,10 +128,11 @@ def timm_to_npz(source: str, out_path: str, *, model: str | None = None) -> str:
 
 
 def timm_to_orbax(source: str, out_dir: str, *, model: str | None = None,
-                  scan: bool = False) -> str:
+                  scan: bool = False, overwrite: bool = False) -> str:
     """Writes timm weights as a params-only orbax checkpoint (step 0); the meta records the
     model name, class count and preprocessing."""
     weights = timm_weights.read_timm(source, model)
+    check_out(out_dir, overwrite)
     params = jax.device_get(models.stack_blocks(weights.params)) if scan else weights.params
     train_checkpoint.save_params(params, out_dir, meta={
         "source": str(source), "scan": scan, "model_name": weights.name,
@@ -132,15 +178,20 @@ def main(argv) -> None:
     if not source:
         raise app.UsageError(f"{argv[1]} needs {flag}.")
     out, model, step, scan = FLAGS.out, FLAGS.model, FLAGS.step, FLAGS.scan
+    overwrite = FLAGS.overwrite
+    if not overwrite:  # every command: refused before anything is read
+        check_out(out, overwrite)
     commands = {
-        "npz-to-orbax": lambda: npz_to_orbax(source, out, scan=scan),
-        "orbax-to-npz": lambda: orbax_to_npz(source, out, step=step),
+        "npz-to-orbax": lambda: npz_to_orbax(source, out, scan=scan, overwrite=overwrite),
+        "orbax-to-npz": lambda: orbax_to_npz(source, out, step=step, overwrite=overwrite),
         "timm-to-npz": lambda: timm_to_npz(source, out, model=model),
-        "timm-to-orbax": lambda: timm_to_orbax(source, out, model=model, scan=scan),
+        "timm-to-orbax": lambda: timm_to_orbax(source, out, model=model, scan=scan,
+                                               overwrite=overwrite),
         "npz-to-timm": lambda: npz_to_timm(source, out, model=model),
         "orbax-to-timm": lambda: orbax_to_timm(source, out, model=model, step=step),
     }
     commands[argv[1]]()
+
 
 if __name__ == "__main__":
     cli.run(main, flag_values=FLAGS)

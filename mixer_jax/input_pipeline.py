@@ -7,7 +7,12 @@ Sources (`config.dataset`):
   a manual-download dataset (imagenet2012) is built from
   `config.tfds_manual_dir` when that is set;
 - a directory `{split}/<class>/<image file>` (class names sorted -> labels,
-  any format PIL reads, any size, grey/RGBA converted to RGB);
+  any format PIL reads, any size, grey/RGBA converted to RGB). Every image is
+  decoded once before training (the result is cached in `<dir>/.mixer_jax_images.json`,
+  so later runs only check new or changed files): unreadable files are all listed
+  in one `BadImagesError`, or skipped with a warning each if
+  `config.skip_bad_images`. A folder with one class, a class with no training
+  images, or empty class folders are reported too;
 - `sklearn_digits`, the embedded default (see `mixer_jax.sklearn_digits`),
   built offline on first use.
 
@@ -28,6 +33,8 @@ Config keys read (vit_jax names; configs/ sets them, defaults in brackets):
                           records are buffered (ImageNet ~110 kB each, so
                           ~1 GB per host), never decoded images.
   seed                    data order and augmentation seed [0]
+  skip_bad_images         image folders: train without unreadable files instead
+                          of stopping [False]
 
 Determinism and resuming: every host reads a fixed, disjoint slice of the
 split. Epoch e is that slice shuffled with a seed from (seed, host, e);
@@ -41,9 +48,11 @@ a program that calls `tf.random.set_seed` must call it the same way on resume.)
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import io
+import json
 import math
 import operator
 import os
@@ -78,6 +87,10 @@ class DatasetNotPreparedError(UserError, FileNotFoundError):
     """The dataset is neither a prepared tfds dataset nor an image directory."""
 
 
+class BadImagesError(UserError, ValueError):
+    """An image folder holds unreadable files, or classes that cannot be trained."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     """Sizes and labels of the configured dataset (whole splits, all hosts)."""
@@ -103,6 +116,7 @@ class _Source:
     split_infos: Mapping[str, Any]
     read: Callable[[Sequence[Range]], tf.data.Dataset]
     decode: Callable[[tf.Tensor], tf.Tensor]
+    class_counts: Mapping[str, Mapping[str, int]] | None = None  # folders: split -> class -> n
 
 
 # --- Public API -------------------------------------------------------------
@@ -112,6 +126,8 @@ def get_dataset_info(config) -> DatasetInfo:
     """Number of classes, split sizes (`pp.train`, `pp.test`) and label names."""
     source = _open_source(config)
     pp = _require(config, "pp")
+    if source.class_counts is not None:
+        _check_folder_classes(source, _require(pp, "train"))
     return DatasetInfo(
         num_classes=source.num_classes,
         num_train_examples=_count(_resolve_split(source, _require(pp, "train"))),
@@ -419,14 +435,16 @@ def _randaugment_args(pp) -> tuple[int, float] | None:
 def _open_source(config) -> _Source:
     dataset = _require(config, "dataset")
     return _cached_source(
-        str(dataset), config.get("tfds_data_dir") or None, config.get("tfds_manual_dir") or None
+        str(dataset), config.get("tfds_data_dir") or None, config.get("tfds_manual_dir") or None,
+        bool(config.get("skip_bad_images")),
     )
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_source(dataset: str, data_dir: str | None, manual_dir: str | None) -> _Source:
+def _cached_source(dataset: str, data_dir: str | None, manual_dir: str | None,
+                   skip_bad_images: bool = False) -> _Source:
     if tf.io.gfile.isdir(dataset):
-        return _folder_source(dataset)
+        return _folder_source(dataset, skip_bad_images=skip_bad_images)
     return _tfds_source(dataset, data_dir, manual_dir)
 
 
@@ -508,7 +526,7 @@ def _prepared_builder(name: str, data_dir: str | None, manual_dir: str | None):
     return tfds.builder(name, data_dir=data_dir)
 
 
-def _folder_source(root: str) -> _Source:
+def _folder_source(root: str, *, skip_bad_images: bool = False) -> _Source:
     """`root/{split}/<class>/<file>` -> a source; labels are sorted class names."""
     readable = _readable_extensions()
     by_class: dict[str, dict[str, list[str]]] = {}  # split -> class -> image paths
@@ -524,14 +542,35 @@ def _folder_source(root: str) -> _Source:
                     paths.append(path)
                 elif not name.startswith("."):
                     skipped.append(path)
+    if skipped:
+        logging.warning("%s: skipped %d files that are not images, e.g. %s",
+                        root, len(skipped), skipped[0])
+    bad = _unreadable_images(root, [p for split in by_class.values()
+                                    for paths in split.values() for p in paths])
+    if bad:
+        listing = [f"{path}: {why}" for path, why in sorted(bad.items())]
+        if not skip_bad_images:
+            shown = listing[:_BAD_IMAGES_SHOWN] + (
+                [f"... and {len(listing) - _BAD_IMAGES_SHOWN} more"]
+                if len(listing) > _BAD_IMAGES_SHOWN else [])
+            raise BadImagesError(
+                f"Image directory {root} has {len(bad)} unreadable image file(s); fix or remove "
+                "them, or set config.skip_bad_images=True to train without them:\n  "
+                + "\n  ".join(shown))
+        for line in listing:
+            logging.warning("Skipping unreadable image %s", line)
+        by_class = {split: {cls: [p for p in paths if p not in bad]
+                            for cls, paths in classes.items()} for split, classes in by_class.items()}
+    empty = [os.path.join(root, split, cls) for split, classes in by_class.items()
+             for cls, paths in classes.items() if not paths]
+    if empty:
+        logging.warning("%s: %d class folder(s) hold no images and are ignored: %s", root,
+                        len(empty), ", ".join(empty))
     classes = sorted({cls for split in by_class.values() for cls, paths in split.items() if paths})
     if not classes:
         raise DatasetNotPreparedError(
             f"Image directory {root} holds no images; expected {root}/<split>/<class>/<file>."
         )
-    if skipped:
-        logging.warning("%s: skipped %d files that are not images, e.g. %s",
-                        root, len(skipped), skipped[0])
     label_of = {cls: label for label, cls in enumerate(classes)}
     examples: dict[str, list[tuple[str, int]]] = {}  # split -> (path, label)
     for split, paths_by_class in by_class.items():
@@ -554,7 +593,87 @@ def _folder_source(root: str) -> _Source:
     return _Source(
         name=root, label_names=classes, num_classes=len(classes),
         split_infos=split_infos, read=read, decode=_decode_file,
+        class_counts={split: {cls: len(paths) for cls, paths in classes_.items() if paths}
+                      for split, classes_ in by_class.items()},
     )
+
+
+_BAD_IMAGES_SHOWN = 20
+IMAGE_CHECK_CACHE = ".mixer_jax_images.json"
+
+
+def _unreadable_images(root: str, paths: list[str]) -> dict[str, str]:
+    """{path: why} of the files that do not decode; each file is decoded once per change.
+
+    Results are cached in `<root>/.mixer_jax_images.json`, keyed by size and mtime (a
+    read-only folder is simply checked again next time). Folders on object stores
+    (gs://) are not checked: reading every file there once more would be slow.
+    """
+    if "://" in root:
+        return {}
+    cache_path = os.path.join(root, IMAGE_CHECK_CACHE)
+    try:
+        with open(cache_path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    stats = {path: _file_stamp(path) for path in paths}
+    todo = [p for p in paths if cache.get(os.path.relpath(p, root), [None])[:2] != stats[p]]
+    if todo:
+        logging.info("Checking %d images in %s (once; the result is cached).", len(todo), root)
+        with concurrent.futures.ThreadPoolExecutor(min(16, (os.cpu_count() or 1) * 2)) as pool:
+            for path, problem in zip(todo, pool.map(_image_problem, todo)):
+                cache[os.path.relpath(path, root)] = [*stats[path], problem]
+        try:
+            temporary = f"{cache_path}.tmp-{os.getpid()}"
+            with open(temporary, "w") as f:
+                json.dump(cache, f)
+            os.replace(temporary, cache_path)
+        except OSError as e:
+            logging.info("Could not cache the image check in %s (%s).", cache_path, e)
+    return {p: cache[os.path.relpath(p, root)][2] for p in paths
+            if cache[os.path.relpath(p, root)][2] is not None}
+
+
+def _file_stamp(path: str) -> list[int]:
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _image_problem(path: str) -> str | None:
+    """Why `path` cannot be decoded, or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    if os.path.getsize(path) == 0:
+        return "empty file (0 bytes)"
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes every pixel: truncated or corrupt data fails here
+    except UnidentifiedImageError:
+        return "not an image file (unrecognised content)"
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt data
+        return f"corrupt image ({e})"
+    return None
+
+
+def _check_folder_classes(source: _Source, train_spec: str) -> None:
+    """A folder must have two classes or more, each with training images."""
+    root, counts = source.name, source.class_counts
+    if source.num_classes < 2:
+        raise BadImagesError(
+            f"Image directory {root} has a single class ({source.label_names[0]!r}); a classifier "
+            f"needs two or more: put each class's images in {root}/<split>/<class>/.")
+    train_splits = {name for name, _, _ in _resolve_split(source, train_spec)}
+    trained = {cls for split in train_splits for cls in counts.get(split, {})}
+    untrained = {cls: sorted(s for s, classes in counts.items() if cls in classes)
+                 for cls in source.label_names if cls not in trained}
+    if untrained:
+        raise BadImagesError(
+            f"Image directory {root}: class(es) "
+            + ", ".join(f"{cls!r} (only in {'/'.join(splits)}/)" for cls, splits in
+                        sorted(untrained.items()))
+            + f" have no images in the training split {train_spec!r}; the model could never "
+            "predict them. Add training images or remove those folders.")
 
 
 def _isdir(*parts: str) -> bool:

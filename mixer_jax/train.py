@@ -8,11 +8,19 @@ checkpoints (`train_checkpoint`), metrics and progress lines (`metric_writers`).
 A job started again with the same workdir resumes from its latest checkpoint
 (step, parameters, optimizer state, RNG and data position), so a run that was
 killed or preempted ends exactly as if it had run through.
+
+SIGTERM, SIGINT and a preemption notice stop a run the same way: the step in
+progress finishes, a checkpoint of it is written synchronously, metrics are
+flushed, and `TrainingInterrupted` (a SystemExit with status
+`INTERRUPTED_EXIT_STATUS`, 75: "interrupted, resumable") ends the program after
+one log line. A second signal ends the process at once (its default action).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
+import threading
 import time
 
 import jax
@@ -25,11 +33,26 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from mixer_jax import (checkpoint, input_pipeline, metric_writers, models, optim,
-                       parallel, steps, train_checkpoint, train_config)
+                       parallel, steps, train_checkpoint, train_config, workdir_lock)
+
+INTERRUPTED_EXIT_STATUS = 75  # sysexits' EX_TEMPFAIL: stopped early, rerun to resume
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or Inf; the message names the step."""
+
+
+class TrainingInterrupted(SystemExit):
+    """A signal or preemption notice stopped training after a checkpoint of `step`.
+
+    A SystemExit, so that the program ends with `INTERRUPTED_EXIT_STATUS` and no
+    traceback; rerunning the same command resumes from `step`.
+    """
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(INTERRUPTED_EXIT_STATUS)
+        self.step, self.reason = step, reason
 
 
 def create_model(config, num_classes: int, **overrides) -> models.MlpMixer:
@@ -211,6 +234,7 @@ def prepare(config: ml_collections.ConfigDict, ckpt: train_checkpoint.TrainCheck
     config = train_config.with_defaults(config)
     train_config.validate(config, num_devices=jax.device_count(),
                           process_count=jax.process_count())
+    ckpt.discard_corrupt_steps()  # a bad newest step is moved aside before anything reads it
     info = input_pipeline.get_dataset_info(config)
     train_config.check_before_training(config, info)
     ckpt.class_names = info.label_names  # stored with the checkpoints, for predict
@@ -243,10 +267,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Resumes from the latest checkpoint in `workdir` if there is one. Returns the final
     metrics: 'step', the last training window's 'loss'/'grad_norm'/'learning_rate'/
     'img_per_sec', and the final 'eval_loss', 'eval_top1', 'eval_top5', 'eval_count'.
-    Raises NonFiniteLossError (naming the step) if the loss becomes NaN or Inf.
+    Raises NonFiniteLossError (naming the step) if the loss becomes NaN or Inf,
+    WorkdirInUseError if another run holds `workdir`, and TrainingInterrupted after
+    saving when SIGTERM/SIGINT or a preemption notice stops the run.
     """
     config = train_config.with_defaults(config)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(workdir_lock.WorkdirLock(workdir))
+        stop = stack.enter_context(_StopSignals())
         ckpt = stack.enter_context(train_checkpoint.TrainCheckpointer(
             workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints))
         with metric_writers.phase("Setting up data, model and parameters"):
@@ -254,10 +282,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer = metric_writers.MetricWriter(workdir, resume_step=run.start_step,
                                              config=run.config)
         stack.callback(writer.close)
-        return _train_loop(run, ckpt, writer)
+        finished = run.start_step >= run.config.total_steps
+        return _train_loop(run, ckpt, writer, stop,
+                           log_final_eval=finished and not _eval_logged(workdir, run.start_step))
 
 
-def _train_loop(run: Run, ckpt, writer) -> dict:
+def _eval_logged(workdir: str, step: int) -> bool:
+    """Whether metrics.jsonl has the eval of `step` (a run killed after its last save has not)."""
+    if not epath.Path(workdir, metric_writers.METRICS_FILE).exists():
+        return False
+    return any(r["step"] == step and "eval_top1" in r for r in metric_writers.read_metrics(workdir))
+
+
+class _StopSignals:
+    """Turns the first SIGTERM/SIGINT into a stop request; the second one kills at once.
+
+    Installed only from the main thread (Python's rule); elsewhere signals keep their
+    handlers. `requested(step)` is True on every process at the same step: on several
+    hosts the flags are combined each step (one tiny host-to-host exchange).
+    """
+
+    def __init__(self):
+        self.received = None  # the name of the first signal
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in _STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # second signal: stop now, without saving
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        self.received = signal.Signals(signum).name
+        logging.warning("%s received: finishing the current step and saving; send it again to "
+                        "stop at once without saving.", self.received)
+
+    def requested(self, step: int, ckpt) -> str | None:
+        """Why training stops after `step` (a signal or preemption notice), or None."""
+        received = self.received is not None
+        if jax.process_count() > 1:
+            received = bool(np.any(multihost_utils.process_allgather(np.int32(received))))
+        if received:
+            return self.received or "a signal on another host"
+        return "a preemption notice" if ckpt.reached_preemption(step) else None
+
+
+def _train_loop(run: Run, ckpt, writer, stop: _StopSignals, log_final_eval: bool) -> dict:
     config, strategy, state, start_step = run.config, run.strategy, run.state, run.start_step
     total = config.total_steps
     progress = metric_writers.Progress(total, config.batch, start_step)
@@ -284,10 +361,10 @@ def _train_loop(run: Run, ckpt, writer) -> dict:
         progress.step(step)
         pending.append(metrics)
         last = step == total
-        preempted = ckpt.reached_preemption(step)
-        report = step % config.progress_every == 0 or last or preempted
-        do_eval = step % config.eval_every == 0 or last
-        save = step % config.checkpoint_every == 0 or last or preempted
+        stop_reason = stop.requested(step, ckpt)
+        report = step % config.progress_every == 0 or last or stop_reason
+        do_eval = (step % config.eval_every == 0 or last) and not stop_reason
+        save = step % config.checkpoint_every == 0 or last or stop_reason
         if not (report or do_eval or save):
             continue
         fetched = jax.device_get(pending)
@@ -309,13 +386,19 @@ def _train_loop(run: Run, ckpt, writer) -> dict:
             writer.write(step, scores)
             final.update(scores)
         final["step"] = step
-        if preempted:
-            logging.warning("Preemption notice: saved step %d and stopped; rerun to resume.", step)
-            final["preempted"] = True
-            break
+        if stop_reason:
+            ckpt.wait()  # the checkpoint of this step is on disk before we say so
+            progress.close()
+            logging.warning("Stopped by %s after saving step %d in %s; rerun the same command "
+                            "to resume (exit status %d: interrupted, resumable).", stop_reason,
+                            step, ckpt.directory, INTERRUPTED_EXIT_STATUS)
+            raise TrainingInterrupted(step, stop_reason)
     progress.close()
-    if start_step >= total:  # resumed a finished run: just evaluate it
-        final.update(evaluate(strategy, state, config))
+    if start_step >= total:  # resumed a finished run: evaluate it (again)
+        scores = evaluate(strategy, state, config)
+        if log_final_eval:
+            writer.write(start_step, scores)
+        final.update(scores)
     ckpt.wait()
     return final
 

@@ -8,22 +8,56 @@ Layout, in `<workdir>/checkpoints/<step>/` (one directory per saved step):
 The data position is the step: `input_pipeline.train_dataset(config, start_step=step)`
 yields exactly the batches an uninterrupted run sees from there on.
 
+  integrity.json  size and SHA-256 of every file above, written before the step
+           directory appears (so a complete step always carries it).
 Saves are asynchronous (training continues while arrays are written) and
 atomic (a step directory appears only once complete, so a crash mid-save leaves
 the previous checkpoint as the latest). `convert.py` writes checkpoints with a
 `params/` item only; `restore_params` reads the parameters of either kind.
+
+Reading verifies first: a resumed run checks the newest step against its
+integrity data; a step that fails (a missing, truncated or altered file) is
+reported, moved to `<workdir>/corrupt_checkpoints/`, and the next older step is
+tried. `restore_params` (predict, convert, fine-tuning) verifies likewise and
+refuses NaN/Inf parameters.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
+import shutil
+import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from flax import traverse_util
+from jax.experimental import multihost_utils
+
+from mixer_jax.checkpoint import CheckpointError
+from mixer_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "corrupt_checkpoints"  # in the workdir: steps that failed verification
+INTEGRITY_FILE = "integrity.json"
 _ITEMS = ("params", "train", "meta")
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_CHUNK = 1 << 22
+# What a full file system (or a file-size limit) says, whichever layer reports it.
+_NO_SPACE = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+             errno.EFBIG: "File too large"}
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint whose files are missing, truncated or altered, or unreadable."""
+
+
+class DiskFullError(UserError, OSError):
+    """A checkpoint could not be written for lack of space; earlier ones are intact."""
 
 
 class TrainCheckpointer:
@@ -31,11 +65,17 @@ class TrainCheckpointer:
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
         self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+        self._async = async_save
+        self._saving = None  # (step, bytes) of the save in flight, for error messages
+        self._failed = False
         self.class_names: list[str] | None = None  # stored with every step (set by train)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                # Runs in the save thread, before the step directory gets its final name.
+                async_options=ocp.AsyncOptions(post_finalization_callback=self._seal_pending)
+                if async_save else None),
             item_names=_ITEMS,
         )
 
@@ -47,15 +87,87 @@ class TrainCheckpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state, config=None) -> None:
-        """Starts saving `state` (a saveable TrainState) as `step`; returns before it is written."""
+        """Starts saving `state` (a saveable TrainState) as `step`; returns before it is written.
+
+        Raises DiskFullError (here or from a later `wait`/`save`/`close`) when the file
+        system is full; the steps saved before stay complete and restorable.
+        """
         meta = {"step": int(step), "config": jsonable_config(config)}
         if self.class_names is not None:
             meta["class_names"] = list(self.class_names)
-        self._manager.save(int(step), force=True, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            train=ocp.args.StandardSave(_train_part(state)),
-            meta=ocp.args.JsonSave(meta),
-        ))
+        with self._space_errors():
+            self._manager.wait_until_finished()  # the previous save: its errors first
+            self._saving = (int(step), _nbytes(state))
+            self._check_free_space()
+            self._manager.save(int(step), force=True, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                train=ocp.args.StandardSave(_train_part(state)),
+                meta=ocp.args.JsonSave(meta),
+            ))
+            if not self._async:
+                _seal(self.directory / str(step))
+
+    def _seal_pending(self) -> None:
+        """Writes the integrity data of the save in flight into its temporary directory."""
+        step = self._saving[0]
+        pending = sorted(self.directory.glob(f"{step}{_TMP_SUFFIX}*"))
+        # Object stores (gs://) have no temporary directory: orbax writes in place.
+        _seal(pending[-1] if pending else self.directory / str(step))
+
+    def _check_free_space(self) -> None:
+        """Refuses to start a save that cannot fit (local file systems: object stores have room)."""
+        if "://" in str(self.directory):
+            return
+        free = shutil.disk_usage(self.directory).free
+        if free < self._saving[1]:
+            raise OSError(errno.ENOSPC, f"{_NO_SPACE[errno.ENOSPC]}: {free / 2**20:.1f} MiB free")
+
+    @contextlib.contextmanager
+    def _space_errors(self):
+        """Turns an out-of-space failure of the save in flight into one DiskFullError."""
+        try:
+            yield
+        except Exception as error:
+            cause = _out_of_space(error)
+            if cause is None or self._saving is None:
+                raise
+            self._failed = True
+            step, nbytes = self._saving
+            kept = self.all_steps()
+            raise DiskFullError(
+                f"Cannot write the checkpoint of step {step} to {self.directory} ({cause}): "
+                f"it needs about {nbytes / 2**20:.1f} MiB. The earlier checkpoints "
+                f"({', '.join(map(str, kept)) or 'none'}) are intact; free some space (or "
+                "move the workdir) and rerun to resume.") from None
+
+    def discard_corrupt_steps(self) -> int | None:
+        """Verifies the newest steps; moves bad ones aside. Returns the newest good step.
+
+        A step that fails verification is logged (step, file, why), moved to
+        `<workdir>/corrupt_checkpoints/`, and the next older one is tried. Raises
+        CorruptCheckpointError when steps exist but none is good. On several hosts,
+        process 0 checks and moves; every process then sees the same steps.
+        """
+        bad = []
+        if jax.process_index() == 0:
+            for step in sorted(self.all_steps(), reverse=True):
+                problem = verify_step(self.directory / str(step))
+                if problem is None:
+                    break
+                moved = _move_aside(self.directory / str(step))
+                logging.warning("Checkpoint step %d is corrupt: %s. Moved it to %s; resuming "
+                                "from the step before.", step, problem, moved)
+                bad.append(f"step {step} ({problem}; moved to {moved})")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("mixer_jax.discard_corrupt_steps")
+        if bad or jax.process_count() > 1:
+            self._manager.reload()
+        latest = self.latest_step()
+        if latest is None and bad:
+            raise CorruptCheckpointError(
+                f"No good checkpoint left in {self.directory}: {'; '.join(bad)}. Restore the "
+                "files from a copy, or start afresh in a new workdir.")
+        return latest
 
     def restore(self, abstract_state, step: int | None = None):
         """Restores step (default: latest) into the shardings of `abstract_state`.
@@ -73,7 +185,7 @@ class TrainCheckpointer:
                 meta=ocp.args.JsonRestore(),
             ))
         except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(
+            raise CheckpointError(
                 f"The checkpoint of step {step} in {self.directory} does not fit this run's "
                 f"model and optimizer state; it was written with another config (model, "
                 f"optimizer or model.scan). Resume with that config, or use a new workdir. "
@@ -86,10 +198,16 @@ class TrainCheckpointer:
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
+        with self._space_errors():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()  # waits for pending saves first
+        if self._failed:  # the error was raised already: do not raise it again
+            with contextlib.suppress(Exception):
+                self._manager.close()
+            return
+        with self._space_errors():
+            self._manager.close()  # waits for pending saves first
 
     def __enter__(self):
         return self
@@ -100,6 +218,115 @@ class TrainCheckpointer:
 
 def _train_part(state) -> dict:
     return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+
+
+def _nbytes(tree) -> int:
+    return sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
+               for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def _out_of_space(error: BaseException) -> str | None:
+    """What the file system said if `error` (or its cause) is an out-of-space error."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NO_SPACE:
+            return error.strerror or _NO_SPACE[error.errno]
+        for message in _NO_SPACE.values():  # tensorstore reports errno in its text only
+            if message in str(error):
+                return message
+        error = error.__cause__ or error.__context__
+    return None
+
+
+# ---------------------------------------------------------------------------- integrity
+
+
+def _item_files(step_dir: epath.Path) -> list[epath.Path]:
+    """The files of a step's items (the top-level files are orbax's own, rewritten later)."""
+    return sorted(p for item in step_dir.iterdir() if item.is_dir() for p in _files_under(item))
+
+
+def _files_under(directory: epath.Path):
+    for path in directory.iterdir():  # epath has no recursive glob on object stores
+        if path.is_dir():
+            yield from _files_under(path)
+        else:
+            yield path
+
+
+def _file_digest(path: epath.Path) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _seal(step_dir: epath.Path) -> None:
+    """Writes `integrity.json` (size and SHA-256 per file) into a step directory."""
+    if jax.process_index() != 0:
+        return
+    files = {str(p.relative_to(step_dir)): _file_digest(p) for p in _item_files(step_dir)}
+    temporary = step_dir / f"{INTEGRITY_FILE}.tmp"
+    temporary.write_text(json.dumps({"files": files}, indent=0))
+    temporary.rename(step_dir / INTEGRITY_FILE)
+
+
+def verify_step(step_dir: epath.Path) -> str | None:
+    """None if a step directory is intact, else what is wrong with it (naming the file).
+
+    Steps written before integrity data existed get a structural check only.
+    """
+    record = step_dir / INTEGRITY_FILE
+    if not record.exists():
+        return _structure_problem(step_dir)
+    try:
+        files = json.loads(record.read_text())["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        return f"{record} is unreadable ({error})"
+    for name, (size, digest) in sorted(files.items()):
+        path = step_dir / name
+        if not path.exists():
+            return f"{path} is missing"
+        actual_size, actual = _file_digest(path)
+        if actual_size != size:
+            return f"{path} has {actual_size} bytes, {size} were written (truncated or replaced)"
+        if actual != digest:
+            return f"{path} does not match the SHA-256 recorded when it was written (altered)"
+    return None
+
+
+def _structure_problem(step_dir: epath.Path) -> str | None:
+    items = [p for p in step_dir.iterdir() if p.is_dir()]
+    names = {p.name for p in items}
+    if "params" not in names:
+        return f"{step_dir / 'params'} is missing"
+    if "meta" in names and not {"train", "meta"} <= names:
+        return f"{step_dir / 'train'} is missing"
+    for item in items:
+        if not any(True for _ in _files_under(item)):
+            return f"{item} holds no files"
+    if "meta" in names:
+        try:
+            json.loads((step_dir / "meta" / "metadata").read_text())
+        except (OSError, ValueError, UnicodeDecodeError) as error:
+            return f"{step_dir / 'meta' / 'metadata'} is unreadable ({error})"
+    logging.warning("Checkpoint %s has no %s (written by an older version): only its "
+                    "structure was checked.", step_dir, INTEGRITY_FILE)
+    return None
+
+
+def _move_aside(step_dir: epath.Path) -> epath.Path:
+    """Moves a bad step out of the checkpoints (never deletes it); returns where to."""
+    root = step_dir.parent.parent / CORRUPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / step_dir.name
+    if target.exists():
+        target = root / f"{step_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+    step_dir.rename(target)
+    return target
 
 
 def jsonable_config(config):
@@ -157,19 +384,38 @@ def restore_params(path: str, target=None, *, step: int | None = None):
     `target`: None reads all parameters as host numpy arrays; otherwise a (possibly partial)
     pytree of jax.ShapeDtypeStruct whose leaves are read directly into their `.sharding`, so
     large models never pass through one host's memory whole.
+
+    Verifies the step's integrity data first and refuses NaN/Inf values: both raise
+    CorruptCheckpointError naming the step and the file or parameter.
     """
     root, step = find_checkpoint(path, step)
+    problem = verify_step(root / str(step))
+    if problem is not None:
+        raise CorruptCheckpointError(f"The checkpoint of step {step} in {root} is corrupt: "
+                                     f"{problem}. Use another step (--step) or a good copy.")
     checkpointer = ocp.PyTreeCheckpointer()
     params_dir = root / str(step) / "params"
     if target is None:
         shapes = _item_shapes(params_dir)
         restore_args = traverse_util.unflatten_dict(
             {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in shapes}, sep="/")
-        return checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
+        params = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
             restore_args=restore_args))
-    return checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
+    else:
+        params = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+    _check_finite(params, f"The checkpoint of step {step} in {root}")
+    return params
+
+
+def _check_finite(params, source: str) -> None:
+    for key, value in traverse_util.flatten_dict(dict(params), sep="/").items():
+        finite = (np.isfinite if isinstance(value, np.ndarray) else jax.numpy.isfinite)(value)
+        if not bool(finite.all()):
+            raise CorruptCheckpointError(
+                f"{source}: parameter {key!r} holds NaN/Inf values (the run that wrote it had "
+                "diverged, or the file was altered); refusing to use it.")
 
 
 def save_params(params, directory: str, *, step: int = 0, meta: dict | None = None) -> None:
@@ -181,3 +427,4 @@ def save_params(params, directory: str, *, step: int = 0, meta: dict | None = No
                                options=ocp.CheckpointManagerOptions(
                                    enable_async_checkpointing=False, create=True)) as manager:
         manager.save(step, args=ocp.args.Composite(**items), force=True)
+    _seal(epath.Path(directory) / str(step))

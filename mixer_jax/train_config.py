@@ -12,6 +12,7 @@ Data (read by `input_pipeline`):
   pp.resize         eval: shorter side before the centre crop (None: resize straight to crop);
   pp.inception_crop, pp.flip, pp.randaugment ((layers, magnitude) or None).
   batch, batch_eval GLOBAL batch sizes (all hosts, all devices); shuffle_buffer; seed.
+  skip_bad_images   image folders: train without unreadable files instead of stopping.
 Mixed-sample augmentation (read by `mix.MixConfig`, applied in the training step on each
   device): mix.mixup_alpha, cutmix_alpha, cutmix_minmax, fmix_alpha, fmix_decay, resizemix,
   resizemix_scale, saliencymix_alpha, maskmix_alpha, maskmix_cell, prob, switch_prob, mode,
@@ -41,6 +42,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from mixer_jax import mix, models
+from mixer_jax.models import registry
 from mixer_jax.errors import ConfigError
 from mixer_jax.optim import DECAY_TYPES, OPTIMIZERS
 from mixer_jax.parallel import PARALLELISMS
@@ -64,11 +66,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch = 512
     c.batch_eval = 512
     c.shuffle_buffer = 10_000
+    c.skip_bad_images = False
 
     c.model_name = "Mixer-B_16"
     c.model = ml_collections.ConfigDict(dict(
         dropout=0.0, stoch_depth=0.0, dtype="float32", scan=False, remat=False,
     ))
+    # Architecture fields, unset (the variant's) unless given: present so that
+    # `--config.model.hidden_dim=32` parses; `with_defaults` drops the unset ones.
+    for name in models.MODEL_FIELDS:
+        c.model[name] = config_dict.placeholder(int)
 
     c.pretrained_dir = "."
     c.model_or_filename = config_dict.placeholder(str)
@@ -133,10 +140,6 @@ def b16_transfer_config(dataset: str) -> ml_collections.ConfigDict:
     return c
 
 
-def _model_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(models.MlpMixer)} - {"parent", "name", "num_classes"}
-
-
 def _unknown_keys(config, known, prefix="") -> list[str]:
     """Dotted names of keys in `config` that `known` does not have (recursively)."""
     unknown = []
@@ -151,35 +154,69 @@ def _unknown_keys(config, known, prefix="") -> list[str]:
 
 
 def model_kwargs(config) -> dict:
-    """MlpMixer overrides from `config.model`, with dtype names turned into dtypes."""
-    kwargs = dict(config.model)
+    """MlpMixer overrides from `config.model` (unset ones left out), dtype names as dtypes."""
+    kwargs = {k: v for k, v in config.model.items() if v is not None}
     for key in ("dtype", "param_dtype"):
         if key in kwargs:
             kwargs[key] = jnp.dtype(kwargs[key])
     return kwargs
 
 
+def _model_options(model_name: str) -> set[str] | None:
+    """The `config.model` options the model accepts (None: unknown model)."""
+    try:
+        return registry.model_fields(models.get_family(model_name)) - {"num_classes"}
+    except ValueError:
+        return None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate(config, *, num_devices: int | None = None, process_count: int = 1) -> None:
     """Raises ConfigError listing every problem found in `config`.
 
     With `num_devices`, also checks that each micro-batch splits evenly over the devices.
+    Every check runs on its own: one bad value never hides (or crashes) another check.
     """
     problems = [f"unknown key {k}" for k in _unknown_keys(config, base_config())]
-    bad_model = sorted(set(config.model) - _model_fields())
-    if bad_model:
-        problems.append(f"unknown model option(s) {bad_model}; known: {sorted(_model_fields())}")
 
     def check(ok, message):
         if not ok:
             problems.append(message)
 
-    check(config.model_name.replace("/", "_") in models.VARIANTS,
-          f"model_name {config.model_name!r} is not one of {list(models.VARIANTS)}")
-    patch = config.model.get("patch_size") or models.VARIANTS.get(
+    def positive(key, value, *, allow_none=False):
+        ok = (allow_none and value is None) or (_is_int(value) and value >= 1)
+        check(ok, f"{key}={value!r} must be a positive integer")
+        return ok
+
+    known_model = config.model_name.replace("/", "_") in models.VARIANTS
+    check(known_model, f"model_name {config.model_name!r} is not one of {list(models.VARIANTS)}")
+    options = _model_options(config.model_name)
+    model = {k: v for k, v in config.model.items() if v is not None}
+    if options is not None and set(model) - options:
+        problems.append(f"unknown model option(s) {sorted(set(model) - options)} for "
+                        f"{config.model_name}; known: {sorted(options)}")
+    for name in models.MODEL_FIELDS:
+        if name in model:
+            positive(f"model.{name}", model[name])
+    for name in ("dropout", "stoch_depth"):
+        value = model.get(name, 0.0)
+        check(isinstance(value, (int, float)) and 0 <= value < 1,
+              f"model.{name}={value!r} must be in [0, 1)")
+    check(model.get("dtype", "float32") in DTYPES, f"model.dtype must be one of {DTYPES}")
+
+    crop_ok = positive("pp.crop", config.pp.crop)
+    patch = model.get("patch_size") or models.VARIANTS.get(
         config.model_name.replace("/", "_"), {}).get("patch_size", 1)
-    check(config.pp.crop % patch == 0,
+    check(not crop_ok or not _is_int(patch) or config.pp.crop % patch == 0,
           f"pp.crop={config.pp.crop} is not a multiple of the patch size {patch}")
-    check(config.model.get("dtype", "float32") in DTYPES, f"model.dtype must be one of {DTYPES}")
+    positive("pp.resize", config.pp.get("resize"), allow_none=True)
+    batch_ok = positive("batch", config.batch)
+    batch_eval_ok = positive("batch_eval", config.batch_eval, allow_none=True)
+    positive("shuffle_buffer", config.shuffle_buffer)
+
     check(config.optim in OPTIMIZERS, f"optim {config.optim!r} is not one of {OPTIMIZERS}")
     check(config.decay_type in DECAY_TYPES,
           f"decay_type {config.decay_type!r} is not one of {DECAY_TYPES}")
@@ -187,31 +224,35 @@ def validate(config, *, num_devices: int | None = None, process_count: int = 1) 
           f"mu_dtype must be None, 'bfloat16' or 'float32', not {config.mu_dtype!r}")
     check(config.parallelism in PARALLELISMS,
           f"parallelism {config.parallelism!r} is not one of {PARALLELISMS}")
-    check(config.mesh_model >= 1, "mesh_model must be >= 1")
-    check(not (config.parallelism == "pmap" and config.mesh_model > 1),
+    mesh_ok = positive("mesh_model", config.mesh_model)
+    check(not (config.parallelism == "pmap" and mesh_ok and config.mesh_model > 1),
           "mesh_model > 1 needs parallelism 'data' or 'fsdp' (pmap has no model axis)")
-    check(config.total_steps > 0, "total_steps must be positive")
-    check(0 <= config.warmup_steps < config.total_steps,
+    steps_ok = positive("total_steps", config.total_steps)
+    check(not steps_ok or 0 <= config.warmup_steps < config.total_steps,
           f"warmup_steps={config.warmup_steps} must be in [0, total_steps={config.total_steps})")
-    check(config.base_lr > 0, "base_lr must be positive")
-    check(config.accum_steps >= 1, "accum_steps must be >= 1")
-    check(config.batch % config.accum_steps == 0,
-          f"batch={config.batch} is not divisible by accum_steps={config.accum_steps}")
-    check(config.batch % process_count == 0 and config.batch_eval % process_count == 0,
-          f"batch={config.batch} and batch_eval={config.batch_eval} must divide over "
-          f"{process_count} processes")
-    if num_devices:
+    check(config.base_lr > 0, f"base_lr={config.base_lr} must be positive")
+    accum_ok = positive("accum_steps", config.accum_steps)
+    if batch_ok and accum_ok:
+        check(config.batch % config.accum_steps == 0,
+              f"batch={config.batch} is not divisible by accum_steps={config.accum_steps}")
+    batch_eval = config.batch_eval or config.batch
+    if batch_ok and batch_eval_ok:
+        check(config.batch % process_count == 0 and batch_eval % process_count == 0,
+              f"batch={config.batch} and batch_eval={config.batch_eval} must divide over "
+              f"{process_count} processes")
+    if num_devices and mesh_ok:
         data_devices = num_devices // config.mesh_model
         check(num_devices % config.mesh_model == 0,
               f"mesh_model={config.mesh_model} does not divide the {num_devices} devices")
-        check(data_devices and (config.batch // config.accum_steps) % data_devices == 0,
-              f"the micro-batch batch/accum_steps={config.batch // config.accum_steps} does not "
-              f"split over {data_devices} data-parallel devices")
-        check(data_devices and config.batch_eval % data_devices == 0,
-              f"batch_eval={config.batch_eval} does not split over {data_devices} devices")
-    for key in ("progress_every", "eval_every", "checkpoint_every"):
-        check(config[key] > 0, f"{key} must be positive")
-    check(config.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        if data_devices and batch_ok and accum_ok:
+            check((config.batch // config.accum_steps) % data_devices == 0,
+                  f"the micro-batch batch/accum_steps={config.batch // config.accum_steps} "
+                  f"does not split over {data_devices} data-parallel devices")
+        if data_devices and batch_ok and batch_eval_ok:
+            check(batch_eval % data_devices == 0,
+                  f"batch_eval={batch_eval} does not split over {data_devices} devices")
+    for key in ("progress_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        positive(key, config[key])
     check(config.token_mixing in ("auto", "block_diagonal", "resample", "reinit"),
           f"token_mixing {config.token_mixing!r} is not auto/block_diagonal/resample/reinit")
     check(not config.model_or_filename or config.pretrained_dir is not None,
@@ -262,6 +303,9 @@ def with_defaults(config) -> ml_collections.ConfigDict:
     """A copy of `config` with every key it lacks taken from `base_config()`."""
     merged = base_config()
     _merge_into(merged, config)
+    for name in models.MODEL_FIELDS:  # unset architecture fields: the variant's
+        if merged.model.get(name) is None:
+            del merged.model[name]
     return merged
 
 
