@@ -11,6 +11,8 @@ stochastic depth is timm's rule (every block drops with `stoch_depth`).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from mixer_jax.models import mixer, registry
@@ -22,6 +24,8 @@ VARIANTS = {
     for blocks in (12, 24)
 }
 _VALUE, _GATE = "/Dense_0/", "/gate/"
+# MLP-Mixer's key map; gMixer's fc1 is `Dense_0` and `gate` side by side (split below).
+KEYS = dataclasses.replace(mixer.KEYS, family="gMixer")
 
 
 def architecture(flat) -> dict:
@@ -29,12 +33,12 @@ def architecture(flat) -> dict:
     if not any(_GATE in k for k in flat):
         raise ValueError("The parameters have no gated MLPs ('.../gate/kernel'): they are not "
                          "a gMixer.")
-    return mixer.shape_fields(flat)
+    return mixer.shape_fields(flat, "gMixer")
 
 
 def from_timm(state_dict) -> dict:
     """timm's gMixer state dict -> flat parameters: each `fc1` split into `Dense_0`, `gate`."""
-    flat = mixer.from_timm(state_dict)
+    flat = KEYS.from_timm(state_dict)
     for key in [k for k in flat if _VALUE in k]:
         if flat[key].shape[-1] % 2:
             raise ValueError(f"{key!r} has shape {flat[key].shape}: a gated fc1 has an even "
@@ -51,7 +55,7 @@ def to_timm(flat) -> dict:
         if gate not in flat:
             raise ValueError(f"The parameters have no {gate!r}: they are not a gMixer.")
         flat[key] = np.concatenate([flat[key], flat.pop(gate)], axis=-1)
-    return mixer.to_timm(flat)
+    return KEYS.to_timm(flat)
 
 
 FAMILY = registry.register(registry.Family(

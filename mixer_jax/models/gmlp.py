@@ -125,11 +125,7 @@ KEYS = TimmKeyMap(
         **timm_pairs("mlp_channels/gate/proj", "mlp_channels.gate.proj"),
         **timm_pairs("mlp_channels/fc2", "mlp_channels.fc2"),
     },
-    top={
-        **timm_pairs("stem", "stem.proj", layouts=("conv", "same")),
-        **timm_pairs("norm", "norm", **TIMM_NORM),
-        **timm_pairs("head", "head"),
-    },
+    top={**timm_pairs("norm", "norm", **TIMM_NORM), **timm_pairs("head", "head")},
 )
 
 

@@ -39,7 +39,7 @@ def layer_norm(axis: str = "embed", *, dtype, param_dtype, name: str | None = No
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis,)))
 
 
-# --- Isotropic families built like timm's `MlpMixer` (ResMLP, gMLP) -----------------------
+# --- Isotropic families built like timm's `MlpMixer` (MLP-Mixer, gMixer, ResMLP, gMLP) ----
 
 def patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
     """The (rows, cols) of non-overlapping patches; ValueError if the patch doesn't divide."""
@@ -217,24 +217,29 @@ def timm_pairs(ours: str, theirs: str, names=("kernel", "bias"), timm=("weight",
 TIMM_NORM = dict(names=("scale", "bias"), layouts=("same", "same"))  # nn.LayerNorm <-> torch's
 
 
+TIMM_STEM = timm_pairs("stem", "stem.proj", layouts=("conv", "same"))  # `patch_embed`'s conv
+
+
 @dataclasses.dataclass(frozen=True)
 class TimmKeyMap:
     """timm's state dict <-> flat params of a model built like timm's `MlpMixer`.
 
     Block i: timm `blocks.{i}.<suffix>` <-> f"{prefix}{i}/<ours>" (`blocks`: ours ->
-    (suffix, layout)); everything else through `top` (ours -> (timm key, layout)). Keys
-    under `classifier` may be absent together (a headless model). The conversions are
-    exact inverses on numpy arrays (dtype kept).
+    (suffix, layout)); the stem and `top` (final norm, head): ours -> (timm key, layout).
+    Keys under `classifier` may be absent together (a headless model). Both directions
+    give the keys in the map's order (stem, each block in turn, `top`) and are exact
+    inverses on numpy arrays (dtype kept).
     """
 
     family: str
     prefix: str
     blocks: Mapping[str, tuple[str, str]]
     top: Mapping[str, tuple[str, str]]
+    stem: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=lambda: TIMM_STEM)
     classifier: tuple[str, ...] = ("head",)
 
     def from_timm(self, state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        top = {timm: (ours, layout) for ours, (timm, layout) in self.top.items()}
+        top = {timm: (ours, layout) for ours, (timm, layout) in {**self.stem, **self.top}.items()}
         block = {timm: (ours, layout) for ours, (timm, layout) in self.blocks.items()}
         out = {}
         for key, value in state_dict.items():
@@ -248,77 +253,80 @@ class TimmKeyMap:
                 raise ValueError(f"Unknown key {key!r} in a timm state dict for {self.family}: "
                                  "the file holds another architecture.")
             out[ours] = TIMM_LAYOUTS[layout][0](value)
-        self._check_complete(out, "timm state dict", lambda k: self.to_timm_key(k))
-        return out
+        return {k: out[k] for k in self._expected(out, "timm state dict", self.to_timm_key)}
 
     def to_timm(self, flat: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        out = {}
-        for key, value in flat.items():
-            out[self.to_timm_key(key)] = TIMM_LAYOUTS[self._layout(key)][1](value)
-        self._check_complete(flat, "parameter tree", lambda k: k)
-        return out
+        layouts = {key: self._lookup(key)[1] for key in flat}  # unknown keys raise here
+        return {self.to_timm_key(k): TIMM_LAYOUTS[layouts[k]][1](flat[k])
+                for k in self._expected(flat, "parameter tree", lambda k: k)}
 
     def to_timm_key(self, key: str) -> str:
         return self._lookup(key)[0]
-
-    def _layout(self, key: str) -> str:
-        return self._lookup(key)[1]
 
     def _lookup(self, key: str) -> tuple[str, str]:
         match = re.fullmatch(rf"{re.escape(self.prefix)}(\d+)/(.+)", key)
         if match and match.group(2) in self.blocks:
             suffix, layout = self.blocks[match.group(2)]
             return f"blocks.{match.group(1)}.{suffix}", layout
-        if key in self.top:
-            return self.top[key]
+        if key in self.stem or key in self.top:
+            return {**self.stem, **self.top}[key]
         raise ValueError(f"Unknown parameter {key!r} for {self.family} (per-block layout "
                          f"expected: {self.prefix}<i>/...).")
 
-    def _check_complete(self, flat: Mapping[str, Any], what: str, name: Callable) -> None:
-        """Every key a model with as many blocks as `flat` has must be present."""
+    def _expected(self, flat: Mapping[str, Any], what: str, name: Callable) -> list[str]:
+        """Our keys of a model with as many blocks (and a head) as `flat`, in the map's order.
+
+        ValueError naming the first one `flat` lacks.
+        """
         indices = {int(m.group(1)) for k in flat
                    if (m := re.match(rf"{re.escape(self.prefix)}(\d+)/", k))}
-        expected = [f"{self.prefix}{i}/{k}" for i in range(max(indices, default=0) + 1)
-                    for k in self.blocks]
         headless = not any(k.split("/")[0] in self.classifier for k in flat)
-        expected += [k for k in self.top if not (headless and k.split("/")[0] in self.classifier)]
+        expected = [*self.stem, *(f"{self.prefix}{i}/{k}"
+                                  for i in range(max(indices, default=0) + 1) for k in self.blocks),
+                    *(k for k in self.top if not (headless and k.split("/")[0] in self.classifier))]
         missing = [k for k in expected if k not in flat]
         if missing:
             raise ValueError(f"Missing key {name(missing[0])!r} in the {what} for {self.family} "
                              f"({len(missing)} missing): truncated or another architecture.")
+        return expected
 
 
-def isotropic_architecture(flat: Mapping[str, Any], family: str, prefix: str,
-                           token_mixer: str) -> dict[str, int]:
-    """patch_size, num_blocks, hidden_dim and mlp_dim (fc1's width) of flat per-block params.
+def isotropic_architecture(flat: Mapping[str, Any], family: str, prefix: str, token_mixer: str,
+                           widths=(("mlp_dim", "mlp_channels/fc1"),)) -> dict[str, int]:
+    """patch_size, num_blocks, hidden_dim and the MLP widths of flat per-block params.
 
-    ValueError unless block 0 has `token_mixer` (its kernel), i.e. the tree is `family`'s.
+    `widths`: (field, path of a Dense in block 0) pairs; the field is that Dense's
+    output width. ValueError unless block 0 has `token_mixer` (its kernel), the stem and
+    those Denses, i.e. the tree is `family`'s.
     """
-    marker = f"{prefix}0/{token_mixer}/kernel"
-    if marker not in flat or "stem/kernel" not in flat:
-        raise ValueError(f"Not a {family} parameter tree: no {marker} (expected the per-block "
+    needed = [f"{prefix}0/{token_mixer}/kernel", "stem/kernel",
+              *(f"{prefix}0/{path}/kernel" for _, path in widths)]
+    missing = next((k for k in needed if k not in flat), None)
+    if missing:
+        raise ValueError(f"Not a {family} parameter tree: no {missing} (expected the per-block "
                          f"layout {prefix}<i>/...).")
     stem = flat["stem/kernel"].shape
-    return dict(patch_size=stem[0], hidden_dim=stem[-1],
+    return dict(patch_size=stem[0],
                 num_blocks=len({k.split("/")[0] for k in flat if k.startswith(prefix)}),
-                mlp_dim=flat[f"{prefix}0/mlp_channels/fc1/kernel"].shape[1])
+                hidden_dim=stem[-1], **{field: flat[f"{prefix}0/{path}/kernel"].shape[1] for field, path in widths})
 
 
 def isotropic_forward(model: nn.Module, images, block_cls, block: dict[str, Any],
                       norm: nn.Module, *, train: bool, return_intermediates: bool,
-                      prefix: str, scanned: str):
+                      prefix: str, scanned: str, drop_rates: np.ndarray | None = None):
     """The forward pass of a family built like timm's `MlpMixer`, from `model`'s fields.
 
     patch stem -> `num_blocks` x `block_cls(**block)` -> `norm` -> mean over tokens ->
-    `head` (when `num_classes` is set). Stochastic depth as timm's `MlpMixer` applies
-    `drop_path_rate`: every block's residual branches at the same rate `stoch_depth`.
-    Call from `model`'s compact `__call__`.
+    `head` (when `num_classes` is set). Stochastic depth: block i's residual branches
+    drop at `drop_rates[i]`; by default as timm's `MlpMixer` applies `drop_path_rate`,
+    every block at the same rate `stoch_depth`. Call from `model`'s compact `__call__`.
     """
     x = patch_embed(images, model.patch_size, model.hidden_dim, dtype=model.dtype,
                     param_dtype=model.param_dtype)
     feats = {"stem": x}
-    rates = np.full((model.num_blocks,), model.stoch_depth, np.float32)
-    x, per_block = isotropic_blocks(block_cls, block, x, rates, train=train, scan=model.scan,
+    if drop_rates is None:
+        drop_rates = np.full((model.num_blocks,), model.stoch_depth, np.float32)
+    x, per_block = isotropic_blocks(block_cls, block, x, drop_rates, train=train, scan=model.scan,
                                     remat=model.remat, prefix=prefix, scanned=scanned)
     feats.update(per_block)
     x = jnp.mean(norm(x), axis=1)

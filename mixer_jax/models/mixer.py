@@ -24,12 +24,12 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixer_jax.models import registry
-from mixer_jax.models.layers import dense, drop_path, layer_norm
+from mixer_jax.models import layers, registry
+from mixer_jax.models.layers import (TIMM_NORM, TimmKeyMap, dense, isotropic_forward, layer_norm,
+                                     residual, timm_pairs)
 
 Dtype = Any
 
@@ -103,11 +103,6 @@ class MixerBlock(nn.Module):
     gelu_approximate: bool = True
     gated: bool = False
 
-    def _residual(self, x, y, drop_rate, train):
-        if train and not (isinstance(drop_rate, (int, float)) and drop_rate == 0):
-            y = drop_path(y, drop_rate, self.make_rng("dropout"))
-        return x + y
-
     @nn.compact
     def __call__(self, x, drop_rate=0.0, train: bool = False):
         kw = dict(dropout=self.dropout, gelu_approximate=self.gelu_approximate, gated=self.gated,
@@ -117,24 +112,10 @@ class MixerBlock(nn.Module):
         y = jnp.swapaxes(y, 1, 2)
         y = MlpBlock(self.tokens_mlp_dim, "tokens", name="token_mixing", **kw)(y, train=train)
         y = jnp.swapaxes(y, 1, 2)
-        x = self._residual(x, y, drop_rate, train)
+        x = residual(self, x, y, drop_rate, train)
         y = norm("LayerNorm_1")(x)
         y = MlpBlock(self.channels_mlp_dim, name="channel_mixing", **kw)(y, train=train)
-        return self._residual(x, y, drop_rate, train)
-
-
-class _ScanBody(nn.Module):
-    """MixerBlock shaped for `nn.scan`: (carry, drop_rate) -> (carry, tokens)."""
-
-    block: dict[str, Any]
-    train: bool
-    stochastic: bool
-
-    @nn.compact
-    def __call__(self, x, drop_rate):
-        rate = drop_rate if self.stochastic else 0.0
-        x = MixerBlock(**self.block, name="block")(x, rate, self.train)
-        return x, x
+        return residual(self, x, y, drop_rate, train)
 
 
 class MlpMixer(nn.Module):
@@ -171,79 +152,25 @@ class MlpMixer(nn.Module):
 
     @nn.compact
     def __call__(self, inputs, *, train: bool = False, return_intermediates: bool = False):
-        height, width = inputs.shape[1:3]
-        if height % self.patch_size or width % self.patch_size:
-            raise ValueError(
-                f"Image size {height}x{width} is not divisible by the patch size "
-                f"{self.patch_size}; resize or crop the images to a multiple of it."
-            )
-        p = self.patch_size
-        x = nn.Conv(
-            self.hidden_dim, (p, p), strides=(p, p), padding="VALID",
-            dtype=self.dtype, param_dtype=self.param_dtype, name="stem",
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.lecun_normal(), ("kernel", "kernel", "channels", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-        )(inputs)
-        x = x.reshape(x.shape[0], -1, x.shape[-1])  # raster order: n (h w) c
-        feats = {"stem": x}
-
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block = dict(
             tokens_mlp_dim=self.tokens_mlp_dim, channels_mlp_dim=self.channels_mlp_dim,
-            dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
-            gelu_approximate=self.gelu_approximate, gated=self.gated,
-        )
-        rates = self.drop_rates()
-        if self.scan:
-            body = nn.remat(_ScanBody) if self.remat else _ScanBody
-            x, per_block = nn.scan(
-                body,
-                variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
-                length=self.num_blocks,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(block=block, train=train, stochastic=self.stoch_depth > 0, name=SCANNED_BLOCKS)(x, jnp.asarray(rates))
-            feats.update({f"block_{i}": per_block[i] for i in range(self.num_blocks)})
-        else:
-            block_cls = (
-                nn.remat(MixerBlock, static_argnums=(2, 3)) if self.remat else MixerBlock
-            )
-            for i in range(self.num_blocks):
-                x = block_cls(**block, name=f"{BLOCK_PREFIX}{i}")(x, float(rates[i]), train)
-                feats[f"block_{i}"] = x
-
-        x = layer_norm(dtype=self.dtype, param_dtype=self.param_dtype,
-                       name="pre_head_layer_norm")(x)
-        x = jnp.mean(x, axis=1)
-        feats["pre_logits"] = x
-        if self.num_classes is not None:
-            x = dense(self.num_classes, ("embed", "classes"), kernel_init=nn.initializers.zeros,
-                      dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)
-        return (x, feats) if return_intermediates else x
+            dropout=self.dropout, gelu_approximate=self.gelu_approximate, gated=self.gated, **kw)
+        return isotropic_forward(self, inputs, MixerBlock, block,
+                                 layer_norm(name="pre_head_layer_norm", **kw), train=train,
+                                 return_intermediates=return_intermediates,
+                                 prefix=BLOCK_PREFIX, scanned=SCANNED_BLOCKS,
+                                 drop_rates=self.drop_rates())
 
 
 def stack_blocks(params: dict) -> dict:
     """Per-block layout (`MixerBlock_{i}`) -> scanned layout (`MixerBlocks/block`)."""
-    names = sorted((k for k in params if k.startswith(BLOCK_PREFIX)),
-                   key=lambda k: int(k[len(BLOCK_PREFIX):]))
-    if not names:
-        return dict(params)
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[k] for k in names])
-    out = {k: v for k, v in params.items() if not k.startswith(BLOCK_PREFIX)}
-    out[SCANNED_BLOCKS] = {"block": stacked}
-    return out
+    return layers.stack_blocks(params, BLOCK_PREFIX, SCANNED_BLOCKS)
 
 
 def unstack_blocks(params: dict) -> dict:
     """Scanned layout (`MixerBlocks/block`) -> per-block layout (`MixerBlock_{i}`)."""
-    if SCANNED_BLOCKS not in params:
-        return dict(params)
-    stacked = params[SCANNED_BLOCKS]["block"]
-    num_blocks = jax.tree.leaves(stacked)[0].shape[0]
-    out = {k: v for k, v in params.items() if k != SCANNED_BLOCKS}
-    for i in range(num_blocks):
-        out[f"{BLOCK_PREFIX}{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
-    return out
+    return layers.unstack_blocks(params, BLOCK_PREFIX, SCANNED_BLOCKS)
 
 
 def architecture(flat) -> dict:
@@ -254,77 +181,27 @@ def architecture(flat) -> dict:
     return shape_fields(flat)
 
 
-def shape_fields(flat) -> dict:
+def shape_fields(flat, family: str = "MLP-Mixer") -> dict:
     """The five architecture fields of flat Mixer-layout parameters (gated or not)."""
-    for key in ("stem/kernel", f"{BLOCK_PREFIX}0/token_mixing/Dense_0/kernel",
-                f"{BLOCK_PREFIX}0/channel_mixing/Dense_0/kernel"):
-        if key not in flat:
-            raise ValueError(f"The parameters have no {key!r}: they are not an MLP-Mixer.")
-    blocks = {int(k.split("/")[0][len(BLOCK_PREFIX):]) for k in flat if k.startswith(BLOCK_PREFIX)}
-    token = flat[f"{BLOCK_PREFIX}0/token_mixing/Dense_0/kernel"].shape
-    return dict(patch_size=flat["stem/kernel"].shape[0], num_blocks=len(blocks),
-                hidden_dim=flat["stem/kernel"].shape[-1], tokens_mlp_dim=token[1],
-                channels_mlp_dim=flat[f"{BLOCK_PREFIX}0/channel_mixing/Dense_0/kernel"].shape[1])
+    return layers.isotropic_architecture(
+        flat, family, BLOCK_PREFIX, "token_mixing/Dense_0",
+        widths=(("tokens_mlp_dim", "token_mixing/Dense_0"),
+                ("channels_mlp_dim", "channel_mixing/Dense_0")))
 
 
-# ------------------------------------------------------------------ timm's state dict
-# Layouts: a Linear's weight is [out, in] (our kernel [in, out]); a Conv2d's weight is
-# [out, in, kh, kw] (ours [kh, kw, in, out]). Both directions are transposes: bitwise.
-_LAYOUTS = {
-    "linear": ((1, 0), (1, 0)),  # (ours -> timm, timm -> ours) axis permutations
-    "conv": ((3, 2, 0, 1), (2, 3, 1, 0)),
-    "copy": (None, None),
-}
-
-
-def _timm_key_pairs(num_blocks: int, head: bool) -> list[tuple[str, str, str]]:
-    """(our flat key, timm's key, layout) for every parameter of timm's MlpMixer."""
-    def affine(ours, theirs, layout="copy", weight="scale"):
-        return [(f"{ours}/{weight}", f"{theirs}.weight", layout), (f"{ours}/bias", f"{theirs}.bias", "copy")]
-
-    pairs = affine("stem", "stem.proj", "conv", "kernel")
-    for i in range(num_blocks):
-        ours, theirs = f"{BLOCK_PREFIX}{i}", f"blocks.{i}"
-        pairs += affine(f"{ours}/LayerNorm_0", f"{theirs}.norm1")
-        pairs += affine(f"{ours}/LayerNorm_1", f"{theirs}.norm2")
-        for mlp, timm_mlp in (("token_mixing", "mlp_tokens"), ("channel_mixing", "mlp_channels")):
-            for dense, fc in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
-                pairs += affine(f"{ours}/{mlp}/{dense}", f"{theirs}.{timm_mlp}.{fc}", "linear", "kernel")
-    pairs += affine("pre_head_layer_norm", "norm")
-    return pairs + (affine("head", "head", "linear", "kernel") if head else [])
-
-
-def _convert(arrays, pairs, source: int, what: str) -> dict:
-    """Renames and re-lays out `arrays` along `pairs` (source 0: ours -> timm, 1: timm -> ours)."""
-    expected = [pair[source] for pair in pairs]
-    missing = next((k for k in expected if k not in arrays), None)
-    if missing:
-        raise ValueError(f"{what} has no {missing!r}.")
-    unknown = next((k for k in arrays if k not in set(expected)), None)
-    if unknown:
-        raise ValueError(f"{what} has {unknown!r}, which is not a parameter of timm's MlpMixer.")
-    out = {}
-    for pair in pairs:
-        axes = _LAYOUTS[pair[2]][source]
-        value = np.asarray(arrays[pair[source]])
-        out[pair[1 - source]] = value if axes is None else value.transpose(axes)
-    return out
-
-
-def _num_blocks(keys, pattern: str) -> int:
-    return len({k.split(pattern)[1].split(".")[0].split("/")[0] for k in keys if pattern in k})
-
-
-def from_timm(state_dict) -> dict:
-    """timm's MlpMixer state dict -> flat parameters (per-block layout)."""
-    pairs = _timm_key_pairs(_num_blocks(state_dict, "blocks."), "head.weight" in state_dict)
-    return _convert(state_dict, pairs, 1, "The state dict")
-
-
-def to_timm(flat) -> dict:
-    """Flat parameters (per-block layout) -> timm's MlpMixer state dict."""
-    pairs = _timm_key_pairs(_num_blocks(flat, BLOCK_PREFIX), "head/kernel" in flat)
-    return _convert(flat, pairs, 0, "The parameters")
+# timm's `MlpMixer` state dict (gMixer's too, with its fc1 split: see gmixer.py).
+KEYS = TimmKeyMap(
+    family="MLP-Mixer", prefix=BLOCK_PREFIX,
+    blocks={
+        **timm_pairs("LayerNorm_0", "norm1", **TIMM_NORM),
+        **timm_pairs("LayerNorm_1", "norm2", **TIMM_NORM),
+        **timm_pairs("token_mixing/Dense_0", "mlp_tokens.fc1"),
+        **timm_pairs("token_mixing/Dense_1", "mlp_tokens.fc2"),
+        **timm_pairs("channel_mixing/Dense_0", "mlp_channels.fc1"),
+        **timm_pairs("channel_mixing/Dense_1", "mlp_channels.fc2"),
+    },
+    top={**timm_pairs("pre_head_layer_norm", "norm", **TIMM_NORM), **timm_pairs("head", "head")},
+)
 
 
 def flops(model: MlpMixer, image_size: tuple[int, int]) -> dict[str, int]:
@@ -348,6 +225,6 @@ def flops(model: MlpMixer, image_size: tuple[int, int]) -> dict[str, int]:
 
 FAMILY = registry.register(registry.Family(
     name="mixer", module=MlpMixer, variants=FAMILY_VARIANTS, architecture=architecture,
-    from_timm=from_timm, to_timm=to_timm, timm_names=TIMM_NAMES,
+    from_timm=KEYS.from_timm, to_timm=KEYS.to_timm, timm_names=TIMM_NAMES,
     preprocessing=registry.INCEPTION, flops=flops,
 ))

@@ -136,11 +136,7 @@ KEYS = TimmKeyMap(
         **timm_pairs("mlp_channels/fc2", "mlp_channels.fc2"),
         "ls2": ("ls2", "same"),
     },
-    top={
-        **timm_pairs("stem", "stem.proj", layouts=("conv", "same")),
-        **timm_pairs("norm", "norm", **_AFFINE),
-        **timm_pairs("head", "head"),
-    },
+    top={**timm_pairs("norm", "norm", **_AFFINE), **timm_pairs("head", "head")},
 )
 
 
