@@ -58,7 +58,7 @@ _MODEL_AXES = ("mlp", "heads")
 # temporaries per device instead of 45 GiB). "layers": the stacked block axis of
 # scanned layouts. "kernel"/"channels": a conv's spatial extent and a stem's 3 image
 # channels, too small to be worth it.
-_FSDP_NEVER = ("tokens", "layers", "kernel", "channels")
+_FSDP_NEVER = ("tokens", "layers", "kernel", "channels", "scalar")
 
 
 # --------------------------------------------------------------------------

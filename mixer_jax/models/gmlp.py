@@ -145,4 +145,5 @@ FAMILY = registry.register(registry.Family(
     name="gmlp", module=GMLP, variants=VARIANTS, architecture=architecture,
     from_timm=KEYS.from_timm, to_timm=KEYS.to_timm, preprocessing=registry.INCEPTION,
     flops=flops,
+    tiny=dict(patch_size=4, num_blocks=2, hidden_dim=64, mlp_dim=256),  # learns the 16x16 digits (>= 98%)
 ))

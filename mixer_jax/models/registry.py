@@ -47,6 +47,7 @@ AXES = (
     "kernel",    # spatial extent of a convolution or patch; never split
     "channels",  # image channels entering a stem; never split
     "layers",    # the stacked block axis of scanned layouts; never split
+    "scalar",    # a size-1 axis (a learnable scalar, a depthwise kernel's input); never split
 )
 
 FlatParams = Mapping[str, np.ndarray]  # "a/b/c" -> array (per-block layout)

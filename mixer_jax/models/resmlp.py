@@ -156,4 +156,5 @@ FAMILY = registry.register(registry.Family(
     name="resmlp", module=ResMLP, variants=VARIANTS, architecture=architecture,
     from_timm=KEYS.from_timm, to_timm=KEYS.to_timm, preprocessing=registry.IMAGENET,
     flops=flops,
+    tiny=dict(patch_size=4, num_blocks=4, hidden_dim=64, mlp_dim=256),  # learns the 16x16 digits (>= 98%)
 ))

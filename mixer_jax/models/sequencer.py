@@ -439,4 +439,6 @@ FAMILY = registry.register(registry.Family(
     name="sequencer", module=Sequencer2d, variants=VARIANTS, architecture=architecture,
     from_timm=from_timm, to_timm=to_timm, preprocessing=registry.IMAGENET,
     timm_names={name: name for name in VARIANTS}, flops=flops,
+    tiny=dict(layers=(1, 1, 1, 1), patch_sizes=(2, 2, 1, 1), embed_dims=(16, 16, 32, 32),
+              hidden_sizes=(8, 8, 16, 16)),
 ))
