@@ -68,6 +68,7 @@ def test_xla_cost_analysis_agrees_with_analytic_count():
     assert 1.0 <= train_ratio < 1.05, train_ratio
 
 
+@pytest.mark.slow
 def test_command_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "results.json"
     results = cli.main(["--variant=Mixer-Ti_4", "--image_size=32", "--batch=4",
@@ -225,6 +226,7 @@ def get_config():
 """
 
 
+@pytest.mark.slow
 def test_pipeline_mode_reports_throughput(tmp_path, capsys):
     pytest.importorskip("mixer_jax.input_pipeline")
     config = tmp_path / "digits.py"

@@ -167,6 +167,7 @@ def test_train_shards_of_two_hosts_are_disjoint_and_equal_sized(folder):
     assert all(set(ids) == s for ids, s in zip(shards, host_sets))  # later epochs: same shard
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_across_epoch_boundaries(tfds_dir):
     # 37 examples, batches of 8: batch 4 straddles the first epoch boundary.
     config = make_config(

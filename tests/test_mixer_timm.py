@@ -132,6 +132,7 @@ def test_gated_mlp_is_timms_glu_split():
         np.testing.assert_allclose(glu(torch.from_numpy(x)).numpy(), y, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_gated_scan_equals_unrolled_and_flops_match_xla():
     model = models.create_model("gmixer_12_224", num_blocks=2, num_classes=5)
     params = jax.tree.map(lambda v: v + 0.1, models.init_params(model, jax.random.key(0), (32, 32, 3)))

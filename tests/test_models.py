@@ -274,3 +274,17 @@ def test_parameters_declare_logical_axes(scan):
     assert flat[block + "channel_mixing/Dense_1/kernel"] == lead + ("mlp", "embed")
     assert flat["head/kernel"] == ("embed", "classes")
     assert flat["stem/kernel"] == ("kernel", "kernel", "channels", "embed")
+
+
+@pytest.mark.parametrize("name, ramp", [("Mixer-Ti_4", True), ("mixer_s32_224", False)])
+def test_forward_pass_uses_the_drop_path_rule(name, ramp):
+    """At stoch_depth=1 a block whose rate is 1 always drops its branches: Google's names
+    ramp 0 -> 1 (block 0 kept, block 1 dropped), timm's use 1 everywhere."""
+    model = models.create_model(name, num_classes=3, patch_size=4, num_blocks=2, hidden_dim=8,
+                                tokens_mlp_dim=4, channels_mlp_dim=8, stoch_depth=1.0)
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    params = models.init_params(model, jax.random.key(0), (16, 16, 3))
+    _, feats = model.apply({"params": params}, x, train=True, return_intermediates=True,
+                           rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_array_equal(feats["block_1"], feats["block_0"])
+    assert (not np.array_equal(feats["block_0"], feats["stem"])) == ramp

@@ -151,6 +151,7 @@ def _specs(model, image_size, **kw):
         for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_fsdp_never_splits_the_token_axis_of_h14_on_256_devices(scan):
     # H/14 at 224 has S = 256 patches: the only dimension of its token-mixing kernels

@@ -63,6 +63,7 @@ def test_save_then_load_is_bitwise(tmp_path, dtype):
     assert_bitwise(checkpoint.load_timm(path, TINY), params)
 
 
+@pytest.mark.slow
 def test_saved_file_loads_strictly_in_timm(gmixer_file):
     state_dict = {k: torch.from_numpy(v) for k, v in load_file(gmixer_file).items()}
     with torch.device("meta"):

@@ -227,6 +227,7 @@ def test_fine_tuning_from_npz_starts_from_it_and_transfers_to_a_new_task(
     assert tuned["eval_top1"] >= scratch["eval_top1"] + 0.15
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_an_orbax_run_restores_straight_into_the_shardings(
         tmp_path, data_dir, uninterrupted):
     run_dir = pathlib.Path(uninterrupted[0])
