@@ -7,7 +7,7 @@ Every run is `configs/default.py` (trained from scratch, offline) with the model
 step budget and seed given, and one method switched on (`mix.SETTINGS`), evaluated
 on the whole test split (360 images). Prints a markdown table: mean and standard
 deviation over the seeds, and each seed's top-1. Any registered model name works
-(`--model`), so other families compare the same way.
+(`--model`), built with its family's digits-sized `Family.tiny` overrides.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import statistics
 import sys
 import tempfile
 
-from mixer_jax import demo, mix, train
+from mixer_jax import demo, mix, models, train
 
 METHOD_SETTINGS = {"none": {}, **mix.SETTINGS}  # config.mix values of each run
 
@@ -26,6 +26,7 @@ def run_config(model: str, method: str, seed: int, steps: int, train_split: str)
     """The default config with `model`, `train_split`, `steps`, `seed` and `method` on."""
     config = demo.load_config("default")
     config.model_name = model
+    config.model.update(dict(models.get_family(model).tiny))  # digits-sized (16x16 images)
     config.pp.train = train_split
     config.seed = seed
     config.total_steps = steps

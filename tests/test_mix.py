@@ -262,3 +262,14 @@ def test_benchmark_reports_each_methods_cost_against_the_training_step(capsys):
     table = capsys.readouterr().out
     assert "of train step" in table
     assert re.search(r"saliencymix\s+Mixer-Ti_4\s+4\s+batch\s+[\d.]+\s+[\d.]+%", table)
+
+
+def test_comparison_runs_are_the_default_recipe_with_one_method_and_a_digits_sized_model():
+    from mixer_jax import mix_compare, train_config
+
+    config = mix_compare.run_config("resmlp_12_224", "cutmix", 2, 40, "train[:15%]")
+    assert (config.model_name, config.seed, config.total_steps) == ("resmlp_12_224", 2, 40)
+    assert config.pp.train == "train[:15%]" and config.warmup_steps == 4
+    assert config.model.patch_size == 4  # the family's tiny overrides: 16x16 digits fit
+    assert config.mix.cutmix_alpha > 0 and not config.mix.mixup_alpha
+    train_config.validate(train_config.with_defaults(config))
