@@ -296,7 +296,7 @@ def _patch_size(config) -> int | None:
     """The model's patch size, for families that have one (None otherwise)."""
     try:
         variant = models.get_family(config.model_name).variants.get(
-            models.registry.canonical_name(config.model_name), {})
+            registry.canonical_name(config.model_name), {})
     except ValueError:
         variant = {}
     return config.model.get("patch_size") or variant.get("patch_size")
