@@ -23,6 +23,7 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import io
 import logging
 import math
@@ -60,21 +61,56 @@ class CheckpointError(UserError, ValueError):
 # ----------------------------------------------------------------------------- layout
 
 
+def is_variables(tree: Params) -> bool:
+    """Whether `tree` is a Flax variables dict (`{"params": ..., **constants}`), not a
+    parameter tree (no family has a top-level module named "params")."""
+    return models.registry.PARAMS in tree
+
+
 def flatten_params(params: Params) -> dict[str, Any]:
     """Nested parameters (per-block or scanned layout) -> flat `{"stem/kernel": array, ...}`.
 
     The flat keys are those of the published files (per-block layout). A Flax
-    variables dict `{"params": ...}` is accepted too.
+    variables dict is accepted too: its parameters are flattened.
     """
-    if set(params) == {"params"}:
-        params = params["params"]
+    if is_variables(params):
+        params = params[models.registry.PARAMS]
     params = nn.meta.unbox(dict(params))  # `model.init` boxes parameters with their axis names
     return traverse_util.flatten_dict(models.unstack_blocks(params), sep=SEP)
+
+
+def flatten_variables(tree: Params) -> tuple[dict[str, Any], dict[str, str]]:
+    """A variables dict (or a parameter tree) -> (flat parameters and constants in one
+    namespace, {flat key: collection} of the constants).
+
+    One namespace is what families' `architecture` and the fine-tuning checks read (a
+    RandFormer is told from an IdentityFormer by its frozen matrices' keys);
+    `unflatten_variables` puts each key back into its collection.
+    """
+    if not is_variables(tree):
+        return flatten_params(tree), {}
+    params, constants = models.split_variables(tree)
+    flat, collections = flatten_params(params), {}
+    for collection, values in constants.items():
+        for key, value in flatten_params(values).items():
+            if key in flat:
+                raise CheckpointError(f"{key!r} is both a parameter and a {collection!r} "
+                                      "variable; a variables dict names each array once.")
+            flat[key], collections[key] = value, collection
+    return flat, collections
 
 
 def unflatten_params(flat: Mapping[str, Any]) -> dict:
     """Flat "/"-joined keys -> nested dict."""
     return traverse_util.unflatten_dict(dict(flat), sep=SEP)
+
+
+def unflatten_variables(flat: Mapping[str, Any], collections: Mapping[str, str]) -> dict:
+    """The inverse of `flatten_variables`: `{"params": ..., **constants}`."""
+    split: dict[str, dict] = {models.registry.PARAMS: {}}
+    for key, value in flat.items():
+        split.setdefault(collections.get(key, models.registry.PARAMS), {})[key] = value
+    return {name: unflatten_params(values) for name, values in split.items()}
 
 
 _OLD_BLOCK = re.compile(r"^Mixer/encoderblock_(\d+)/(.*)$")
@@ -452,15 +488,16 @@ from mixer_jax.finetune import (TOKEN_MIXING_METHODS, adapted_model_overrides,  
                                 load_pretrained)
 
 
-# timm's formats live in `mixer_jax.timm_weights` (which uses this module); re-exported
-# lazily here so that `checkpoint.load_timm` works without an import cycle.
-_TIMM_API = ("load_timm", "read_timm", "save_timm", "to_timm", "is_timm_source",
-             "TimmWeights")
+# timm's formats live in `mixer_jax.timm_weights`, the official IdentityFormer/RandFormer
+# files in `mixer_jax.official_weights` (both use this module); re-exported lazily here so
+# that `checkpoint.load_timm` / `load_official` work without an import cycle.
+_LAZY_API = {"timm_weights": ("load_timm", "read_timm", "save_timm", "to_timm",
+                              "is_timm_source", "TimmWeights"),
+             "official_weights": ("load_official", "read_official", "is_official_source")}
 
 
 def __getattr__(name: str):
-    if name in _TIMM_API:
-        from mixer_jax import timm_weights
-
-        return getattr(timm_weights, name)
+    for module, names in _LAZY_API.items():
+        if name in names:
+            return getattr(importlib.import_module(f"mixer_jax.{module}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

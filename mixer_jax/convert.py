@@ -23,6 +23,12 @@
   python -m mixer_jax.convert orbax-to-timm --checkpoint=/tmp/gmixer_24_orbax \
       --out=/tmp/gmixer_24_224.safetensors
 
+  # The official IdentityFormer/RandFormer files (sail-sg/metaformer's .pth, or
+  # .safetensors in its key layout) -> orbax; a RandFormer's frozen matrices become the
+  # checkpoint's constants (`train_checkpoint`):
+  python -m mixer_jax.convert official-to-orbax --official=/tmp/randformer_s12.pth \
+      --out=/tmp/randformer_s12_orbax
+
 The npz commands write only a complete MLP-Mixer (every array of the architecture
 their shapes describe, a head, nothing else, all finite), checked as
 `checkpoint.load_pretrained` checks them. An existing --out is an error unless
@@ -36,16 +42,19 @@ import jax
 from absl import app, flags, logging
 from etils import epath
 
-from mixer_jax import checkpoint, cli, models, resolution, timm_weights, train_checkpoint
+from mixer_jax import (checkpoint, cli, models, official_weights, resolution, timm_weights,
+                       train_checkpoint)
 
 COMMANDS = ("npz-to-orbax", "orbax-to-npz", "timm-to-npz", "timm-to-orbax", "npz-to-timm",
-            "orbax-to-timm")
+            "orbax-to-timm", "official-to-orbax")
 
 flags.DEFINE_string("npz", None, "npz-to-orbax: the .npz file to read (local or gs://).")
 flags.DEFINE_string("checkpoint", None,
                     "orbax-to-*: a workdir, its checkpoints directory, or one step directory.")
 flags.DEFINE_string("timm", None, "timm-to-*: a .safetensors/.pth file, a Hugging Face Hub "
                     "snapshot folder, or hf-hub:timm/<name>.<tag>.")
+flags.DEFINE_string("official", None, "official-to-orbax: an official IdentityFormer/"
+                    "RandFormer file (.pth, or .safetensors in its key layout).")
 flags.DEFINE_string("model", None, "The registered model name (e.g. gmixer_24_224), where the "
                     "weights' shapes do not say it.")
 flags.DEFINE_string("out", None, "Where to write: a directory (orbax) or an .npz file.")
@@ -131,10 +140,22 @@ def timm_to_orbax(source: str, out_dir: str, *, model: str | None = None,
                   scan: bool = False, overwrite: bool = False) -> str:
     """Writes timm weights as a params-only orbax checkpoint (step 0); the meta records the
     model name, class count and preprocessing."""
-    weights = timm_weights.read_timm(source, model)
+    return _weights_to_orbax(timm_weights.read_timm(source, model), source, out_dir, scan=scan,
+                             overwrite=overwrite)
+
+
+def official_to_orbax(source: str, out_dir: str, *, overwrite: bool = False) -> str:
+    """Writes an official IdentityFormer/RandFormer file as a params-only orbax checkpoint
+    (step 0; a RandFormer's frozen matrices as its constants)."""
+    return _weights_to_orbax(official_weights.read_official(source), source, out_dir,
+                             scan=False, overwrite=overwrite)
+
+
+def _weights_to_orbax(weights: timm_weights.TimmWeights, source: str, out_dir: str, *,
+                      scan: bool, overwrite: bool) -> str:
     check_out(out_dir, overwrite)
     params = jax.device_get(models.stack_blocks(weights.params)) if scan else weights.params
-    train_checkpoint.save_params(params, out_dir, meta={
+    train_checkpoint.save_params(params, out_dir, constants=weights.constants, meta={
         "source": str(source), "scan": scan, "model_name": weights.name,
         "num_classes": weights.num_classes,
         "preprocessing": dataclasses.asdict(weights.preprocessing)})
@@ -168,12 +189,13 @@ def orbax_to_timm(checkpoint_path: str, out_path: str, *, model: str | None = No
 def main(argv) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"Usage: python -m mixer_jax.convert {{{'|'.join(COMMANDS)}}} "
-                             "--out=... (--npz=... | --checkpoint=... [--step=N] | --timm=...) "
+                             "--out=... (--npz=... | --checkpoint=... [--step=N] | --timm=... | "
+                             "--official=...) "
                              "[--model=NAME]")
     if not FLAGS.out:
         raise app.UsageError("--out is required.")
     sources = {"npz": ("--npz", FLAGS.npz), "orbax": ("--checkpoint", FLAGS.checkpoint),
-               "timm": ("--timm", FLAGS.timm)}
+               "timm": ("--timm", FLAGS.timm), "official": ("--official", FLAGS.official)}
     flag, source = sources[argv[1].split("-to-")[0]]
     if not source:
         raise app.UsageError(f"{argv[1]} needs {flag}.")
@@ -189,6 +211,7 @@ def main(argv) -> None:
                                                overwrite=overwrite),
         "npz-to-timm": lambda: npz_to_timm(source, out, model=model),
         "orbax-to-timm": lambda: orbax_to_timm(source, out, model=model, step=step),
+        "official-to-orbax": lambda: official_to_orbax(source, out, overwrite=overwrite),
     }
     commands[argv[1]]()
 

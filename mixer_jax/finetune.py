@@ -8,10 +8,13 @@ key names appear here.
 
 - `read_source(source)`: a pre-trained source resolved once: a parameter tree, a
   published-format `.npz`, or an orbax checkpoint directory (a workdir, its
-  checkpoints directory or one step); readers for other formats (timm files,
-  Hugging Face snapshots) plug in with `register_reader`.
+  checkpoints directory or one step); timm files and Hugging Face snapshots
+  (`timm_weights`) and the official IdentityFormer/RandFormer files
+  (`official_weights`) are built-in readers, others plug in with `register_reader`.
 - `load_pretrained(source, init_params, ...)`: parameters for a new model (head
-  reset, token mixing adapted to a new image size, see `mixer_jax.resolution`).
+  reset, token mixing adapted to a new image size, see `mixer_jax.resolution`);
+  given the model's variables, its constants too (RandFormer's frozen matrices: the
+  file's, unchanged).
 - `adapted_model_overrides(source, image_size)`: the architecture fields a source
   needs at an image size (e.g. the widened `tokens_mlp_dim` of the block-diagonal
   method for Mixer; nothing for a square token map).
@@ -37,7 +40,8 @@ import jax
 import numpy as np
 
 from mixer_jax import checkpoint, models, resolution
-from mixer_jax.checkpoint import SEP, CheckpointError, flatten_params, unflatten_params
+from mixer_jax.checkpoint import (SEP, CheckpointError, flatten_params, flatten_variables,
+                                  is_variables, unflatten_variables)
 from mixer_jax.models import registry
 
 PathLike = str | os.PathLike
@@ -54,12 +58,25 @@ _log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """A pre-trained source, read once: flat per-block parameters and what came with them."""
+    """A pre-trained source, read once: flat per-block parameters (and constants, in one
+    namespace: `checkpoint.flatten_variables`) and what came with them."""
 
     flat: dict[str, Any]  # "a/b/c" -> array, per-block layout
     name: str  # for messages: repr(path) or "The given parameters"
     preprocessing: registry.Preprocessing | None = None  # what the weights expect, if known
     model_name: str | None = None  # a registered name, when the source says (e.g. timm's)
+    collections: Mapping[str, str] = dataclasses.field(default_factory=dict)  # constants'
+
+    @classmethod
+    def of_variables(cls, variables: Params, name: str, **kw) -> "Source":
+        """A Source of a parameter tree or a variables dict (parameters and constants)."""
+        flat, collections = flatten_variables(variables)
+        return cls(flat, name, collections=collections, **kw)
+
+    @property
+    def variables(self) -> dict:
+        """The source as a variables dict: `{"params": ..., **constants}`."""
+        return unflatten_variables(self.flat, self.collections)
 
 
 def _is_timm(source) -> bool:
@@ -71,13 +88,32 @@ def _is_timm(source) -> bool:
 def _read_timm(source) -> Source:
     from mixer_jax import timm_weights  # noqa: PLC0415
 
-    weights = timm_weights.read_timm(source)
-    return Source(flatten_params(weights.params), weights.source, weights.preprocessing,
-                  weights.name)
+    return _weights_source(timm_weights.read_timm(source))
 
 
-# (matches(path) -> bool, read(path) -> Source), tried in order before npz and orbax.
-_READERS: list[tuple[Callable[[str], bool], Callable[[str], Source]]] = [(_is_timm, _read_timm)]
+def _weights_source(weights) -> Source:
+    """The Source of a `timm_weights.TimmWeights` (timm's or the official MetaFormer files)."""
+    return Source.of_variables(weights.variables, weights.source,
+                               preprocessing=weights.preprocessing, model_name=weights.name)
+
+
+def _is_official(source) -> bool:
+    from mixer_jax import official_weights  # noqa: PLC0415
+
+    return official_weights.is_official_source(source)
+
+
+def _read_official(source) -> Source:
+    from mixer_jax import official_weights  # noqa: PLC0415
+
+    return _weights_source(official_weights.read_official(source))
+
+
+# (matches(path) -> bool, read(path) -> Source), tried in order before npz and orbax. The
+# official MetaFormer files come first: they are .pth/.safetensors files, as timm's are.
+# These two also take state dicts (mappings).
+_BUILT_IN = ((_is_official, _read_official), (_is_timm, _read_timm))
+_READERS: list[tuple[Callable[[str], bool], Callable[[str], Source]]] = list(_BUILT_IN)
 
 
 def register_reader(matches: Callable[[str], bool], read: Callable[[str], Source]) -> None:
@@ -112,17 +148,20 @@ def is_orbax(path: str) -> bool:
 
 
 def read_source(source: PathLike | Params | Source) -> Source:
-    """Resolves a pre-trained source once: a parameter tree (either layout), an `.npz`
-    (local or any tf.io.gfile path), an orbax checkpoint directory, timm weights (a
-    state dict, `.safetensors`/`.pth`, a Hub snapshot folder or an `hf-hub:` id, via
-    `timm_weights.read_timm`), or anything a registered reader takes."""
+    """Resolves a pre-trained source once: a parameter tree (either layout) or variables
+    dict, an `.npz` (local or any tf.io.gfile path), an orbax checkpoint directory, timm
+    weights (a state dict, `.safetensors`/`.pth`, a Hub snapshot folder or an `hf-hub:`
+    id, via `timm_weights.read_timm`), the official IdentityFormer/RandFormer files
+    (`official_weights.read_official`), or anything a registered reader takes."""
     if isinstance(source, Source):
         return source
-    if isinstance(source, Mapping) and _is_timm(source):
-        return _read_timm(source)
     if isinstance(source, Mapping):
+        read = next((read for matches, read in _BUILT_IN if matches(source)), None)
+        if read is not None:
+            return read(source)
         name = "The given parameters"
-        return Source(checkpoint._normalise_layout(flatten_params(source), name), name)
+        src = Source.of_variables(source, name)
+        return dataclasses.replace(src, flat=checkpoint._normalise_layout(src.flat, name))
     path = os.fspath(source)
     read = _reader(path)
     if read is not None:
@@ -131,23 +170,28 @@ def read_source(source: PathLike | Params | Source) -> Source:
         from mixer_jax import train_checkpoint  # noqa: PLC0415
 
         try:
-            params = train_checkpoint.restore_params(path)
+            variables = train_checkpoint.restore_variables(path)
             meta = train_checkpoint.read_meta(path)
         except CheckpointError:
             raise  # already names the checkpoint
         except (FileNotFoundError, ValueError) as e:
             raise CheckpointError(f"{path!r}: {e}") from e
-        return Source(flatten_params(params), repr(path), preprocessing_from_meta(meta),
-                      (meta or {}).get("model_name"))
+        return Source.of_variables(variables, repr(path),
+                                   preprocessing=preprocessing_from_meta(meta),
+                                   model_name=(meta or {}).get("model_name"))
     return Source(flatten_params(checkpoint.load_npz(path)), repr(path))
 
 
 # -------------------------------------------------------------------- what it is
 
 
-def identify(flat: Mapping[str, Any], name: str = "The parameters") -> tuple[registry.Family, dict]:
-    """(family, architecture fields) of flat per-block parameters, by asking each family."""
-    for family_name in models.list_families():
+def identify(flat: Mapping[str, Any], name: str = "The parameters",
+             model_name: str | None = None) -> tuple[registry.Family, dict]:
+    """(family, architecture fields) of flat per-block parameters (and constants), by asking
+    each family; `model_name`'s family first when the source names its model (PoolFormer v2
+    and IdentityFormer have equal parameter trees)."""
+    first = [models.get_family(model_name).name] if model_name in models.list_models() else []
+    for family_name in first + models.list_families():
         family = models.get_family(family_name)
         try:
             return family, dict(family.architecture(flat))
@@ -334,7 +378,7 @@ def _adapted_shapes(shapes: Mapping[str, tuple], layout: _Layout, plan: _Plan) -
 
 def _source_layout(source: PathLike | Params | Source):
     src = read_source(source)
-    family, fields = identify(src.flat, src.name)
+    family, fields = identify(src.flat, src.name, src.model_name)
     return src, family, fields, layout(family, fields)
 
 
@@ -457,7 +501,8 @@ def _check_token_widths(family, plan: _Plan, layout: _Layout, file_flat, model_f
     )
 
 
-def _check_keys(family, layout, file_flat, model_flat, take_from_file, name: str) -> None:
+def _check_keys(family, layout, file_flat, model_flat, take_from_file, name: str,
+                collections: Mapping[str, str]) -> None:
     """Every key the model takes from the file exists there with the model's shape."""
     for key, value in model_flat.items():
         if not take_from_file(key):
@@ -466,6 +511,12 @@ def _check_keys(family, layout, file_flat, model_flat, take_from_file, name: str
             raise CheckpointError(f"{name} has no {key!r} (the model expects shape "
                                   f"{tuple(value.shape)}): the file is incomplete or comes "
                                   "from a different model definition.")
+        if key in collections and file_flat[key].shape != value.shape:
+            raise CheckpointError(
+                f"{key!r}: {name} has shape {tuple(file_flat[key].shape)}, the model "
+                f"{tuple(value.shape)}. It is a constant ({collections[key]!r} collection), "
+                "kept as the file has it and never adapted: a RandFormer's frozen mixing "
+                "matrices fix the token count, so fine-tune at the file's image size.")
         if key not in layout.roles and file_flat[key].shape != value.shape:
             raise CheckpointError(f"{key!r}: the model expects shape {tuple(value.shape)}, "
                                   f"{name} has {tuple(file_flat[key].shape)}: the file comes "
@@ -515,7 +566,9 @@ def load_pretrained(source: PathLike | Params | Source, init_params: Params, *,
       source: anything `read_source` takes (a path of a published-format `.npz`, an
         orbax checkpoint directory, a nested parameter dict, a `Source`).
       init_params: the new model's freshly initialised parameters, per-block or
-        scanned layout. The result has exactly their structure, shapes and dtypes
+        scanned layout, or its whole variables dict (`models.init_variables`: needed
+        for a model with constants, e.g. RandFormer, whose constants then come from the
+        file unchanged). The result has exactly their structure, shapes and dtypes
         (numpy arrays on the host; place them on devices yourself).
       reset_head: None (default): keep the file's classifier if its class count
         matches the model's, else take the model's from `init_params`. True: always
@@ -538,13 +591,14 @@ def load_pretrained(source: PathLike | Params | Source, init_params: Params, *,
       cause (e.g. "this file is Mixer-L_16, the model is Mixer-B_16") for any
       mismatch other than those adapted above.
     """
-    if set(init_params) == {"params"}:  # a Flax variables dict: answer in kind
-        return {"params": load_pretrained(
-            source, init_params["params"], reset_head=reset_head, token_mixing=token_mixing,
-            image_size=image_size, source_image_size=source_image_size)}
     src, family, file_fields, layout = _source_layout(source)
     file_flat, name = src.flat, src.name
-    model_flat = flatten_params(init_params)
+    model_flat, collections = flatten_variables(init_params)
+    if src.collections and not is_variables(init_params):
+        raise CheckpointError(
+            f"{name} holds constants besides parameters (e.g. {next(iter(src.collections))!r} "
+            f"in {sorted(set(src.collections.values()))}): pass the model's whole variables "
+            "dict (`models.init_variables`) as init_params, so that they are loaded too.")
     model_family, model_fields = identify(model_flat, "The model")
     if model_family is not family:
         raise CheckpointError(
@@ -574,7 +628,7 @@ def load_pretrained(source: PathLike | Params | Source, init_params: Params, *,
             return head_from_file
         return plan.method != "reinit" or key not in layout.roles
 
-    _check_keys(family, layout, file_flat, model_flat, take_from_file, name)
+    _check_keys(family, layout, file_flat, model_flat, take_from_file, name, collections)
     adapted = {} if plan.method == "reinit" else _adapt_tokens(file_flat, plan, layout)
     _log.info("Loaded %s into a %s model (head %s, token mixing: %s).", name,
               describe(family, model_fields, layout.token_fields),
@@ -584,7 +638,9 @@ def load_pretrained(source: PathLike | Params | Source, init_params: Params, *,
     for key, init in model_flat.items():
         value = adapted.get(key, file_flat.get(key)) if take_from_file(key) else init
         out[key] = np.asarray(jax.device_get(value)).astype(init.dtype, copy=False)
-    params = unflatten_params(out)
-    if models.SCANNED_BLOCKS in init_params:
-        params = jax.device_get(models.stack_blocks(params))
-    return params
+    variables = unflatten_variables(out, collections)
+    init_tree = init_params[registry.PARAMS] if is_variables(init_params) else init_params
+    if models.SCANNED_BLOCKS in init_tree:
+        variables[registry.PARAMS] = jax.device_get(models.stack_blocks(
+            variables[registry.PARAMS]))
+    return variables if is_variables(init_params) else variables[registry.PARAMS]

@@ -19,9 +19,10 @@ Sharding is decided from the logical axis names every family declares on its
 parameters (`models.param_axes`, names from `models.registry.AXES`) and their
 shapes, by the rules of `partition_spec`; no family's parameter names appear
 here. Optimizer-state leaves take the axes of the parameter they mirror. A
-dimension that does not divide the mesh axis is simply replicated. The state is then
-created directly in its sharding (`jit(init, out_shardings=...)`), so no host
-ever holds a whole large model.
+dimension that does not divide the mesh axis is simply replicated, and so are the
+model's constants (`TrainState.constants`, e.g. RandFormer's frozen matrices). The
+state is then created directly in its sharding (`jit(init, out_shardings=...)`), so
+no host ever holds a whole large model.
 
 Multi-host: call `maybe_initialize_distributed()` first; each host then feeds
 its own part of the batch to `put_batch` (`config.batch // process_count()`
@@ -254,8 +255,9 @@ class Strategy(abc.ABC):
         """
 
     @abc.abstractmethod
-    def eval_step(self, params, batch) -> dict:
-        """Global sums 'loss', 'top1', 'top5', 'count' over a device batch."""
+    def eval_step(self, variables, batch) -> dict:
+        """Global sums 'loss', 'top1', 'top5', 'count' over a device batch
+        (`variables`: `variables_of(state)`)."""
 
     @abc.abstractmethod
     def put_batch(self, batch: Mapping[str, Any]) -> dict:
@@ -286,9 +288,16 @@ class Strategy(abc.ABC):
         """`state` with its parameters replaced by host ones (e.g. from an .npz)."""
         return state.replace(params=self._place_tree(host_params, self.abstract_state().params))
 
-    def params_of(self, state: steps.TrainState):
-        """The parameters in the layout `eval_step` takes."""
-        return state.params
+    def with_variables(self, state: steps.TrainState, host_variables) -> steps.TrainState:
+        """`state` with its parameters and constants replaced by host ones (a variables
+        dict, e.g. from `finetune.load_pretrained`)."""
+        params, constants = models.split_variables(host_variables)
+        return self.with_params(state, params).replace(
+            constants=self._place_tree(constants, self.abstract_state().constants))
+
+    def variables_of(self, state: steps.TrainState):
+        """The parameters and constants in the layout `eval_step` takes."""
+        return state.variables
 
     def prefetch(self, host_batches: Iterable[Mapping[str, Any]], size: int = 2) -> Iterator[dict]:
         """Device batches from host ones, `size` of them transferred ahead of use."""
@@ -349,7 +358,7 @@ class MeshStrategy(Strategy):
         self.replicated = NamedSharding(mesh, P())
         self.batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
         self.state_sharding = jax.tree.map(lambda leaf: leaf.sharding, self.abstract_state())
-        params_sharding = self.state_sharding.params
+        variables_sharding = self.state_sharding.variables
         self._init = jax.jit(self._init_fn, out_shardings=self.state_sharding)
         self._train = jax.jit(
             self._train_fn,
@@ -359,7 +368,7 @@ class MeshStrategy(Strategy):
         )
         self._eval = jax.jit(
             self._eval_fn,
-            in_shardings=(params_sharding, self.batch_sharding),
+            in_shardings=(variables_sharding, self.batch_sharding),
             out_shardings=self.replicated,
         )
 
@@ -401,8 +410,8 @@ class MeshStrategy(Strategy):
     def train_step(self, state, batch):
         return self._train(state, batch)
 
-    def eval_step(self, params, batch):
-        return self._eval(params, batch)
+    def eval_step(self, variables, batch):
+        return self._eval(variables, batch)
 
     def lower_train_step(self, batch_shapes: Mapping[str, Any]) -> jax.stages.Lowered:
         """The training step lowered for a global batch of these shapes (anything with
@@ -481,8 +490,8 @@ class PmapStrategy(Strategy):
         state, metrics = self._train(state, batch)
         return state, jax.tree.map(lambda m: m[0], metrics)
 
-    def eval_step(self, params, batch):
-        return jax.tree.map(lambda s: s[0], self._eval(params, batch))
+    def eval_step(self, variables, batch):
+        return jax.tree.map(lambda s: s[0], self._eval(variables, batch))
 
     def put_batch(self, batch):
         n = len(self.devices)

@@ -33,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from etils import epath
-from flax.traverse_util import flatten_dict, unflatten_dict
 from PIL import Image, ImageOps
 
 from mixer_jax import cli, finetune, host_memory, input_pipeline, labels, models, steps
+from mixer_jax.checkpoint import flatten_variables
 from mixer_jax.errors import UserError
 
 
@@ -46,12 +46,18 @@ class PredictError(UserError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
-    """A model with its parameters, the image side it expects and how to preprocess."""
+    """A model with its parameters (and constants), the image side it expects and how to
+    preprocess."""
 
     model: nn.Module
     params: dict
     image_size: int
     preprocessing: models.Preprocessing = models.registry.INCEPTION
+    constants: dict = dataclasses.field(default_factory=dict)  # e.g. RandFormer's "frozen"
+
+    @property
+    def variables(self) -> dict:
+        return models.as_variables(self.params, self.constants)
 
 
 def _source(checkpoint: str) -> finetune.Source:
@@ -68,7 +74,7 @@ def _source(checkpoint: str) -> finetune.Source:
 
 def load_params(checkpoint: str) -> dict:
     """Per-block numpy parameters of a checkpoint (see `_source`)."""
-    return unflatten_dict(_source(checkpoint).flat, sep="/")
+    return _source(checkpoint).variables["params"]
 
 
 def _num_classes(family: models.Family, flat) -> int | None:
@@ -88,7 +94,7 @@ def load_model(checkpoint: str, *, variant: str | None = None, dtype: Any = jnp.
     `image_size`, else the input size stored with the weights or the family's default.
     """
     source = _source(checkpoint)
-    family, fields = finetune.identify(source.flat, repr(checkpoint))
+    family, fields = finetune.identify(source.flat, repr(checkpoint), source.model_name)
     layout = finetune.layout(family, fields)
     name = finetune.describe(family, fields, layout.token_fields)
     if variant is not None:
@@ -119,15 +125,15 @@ def load_model(checkpoint: str, *, variant: str | None = None, dtype: Any = jnp.
     model_name = source.model_name or variant
     model = (models.create_model(model_name, **build) if model_name
              and models.get_family(model_name) is family else family.module(**build))
-    params = unflatten_dict(source.flat, sep="/")
-    _check_shapes(params, model, size, checkpoint)
-    return LoadedModel(model, jax.tree.map(jnp.asarray, params), size, preprocessing)
+    _check_shapes(source.flat, model, size, checkpoint)
+    params, constants = models.split_variables(jax.tree.map(jnp.asarray, source.variables))
+    return LoadedModel(model, params, size, preprocessing, constants)
 
 
-def _check_shapes(params: dict, model: nn.Module, size: int, checkpoint: str) -> None:
-    """Every key present with the model's shape, nothing extra."""
-    expected = flatten_dict(models.param_shapes(model, (size, size, 3)), sep="/")
-    found = flatten_dict(params, sep="/")
+def _check_shapes(found: dict, model: nn.Module, size: int, checkpoint: str) -> None:
+    """Every key (parameters and constants, flat) present with the model's shape, nothing
+    extra."""
+    expected = flatten_variables(models.variable_shapes(model, (size, size, 3)))[0]
     for key in sorted(set(expected) | set(found)):
         want = expected[key].shape if key in expected else None
         got = np.shape(found[key]) if key in found else None
@@ -162,8 +168,8 @@ def prepare_image(path: str, image_size: int, resize: int | None,
 
 @functools.lru_cache(maxsize=8)
 def _probabilities_fn(model: nn.Module, microbatch: int | None):
-    return jax.jit(lambda p, x: jax.nn.softmax(
-        steps.forward(model, p, x, microbatch=microbatch).astype(jnp.float32), axis=-1))
+    return jax.jit(lambda v, x: jax.nn.softmax(
+        steps.forward(model, v, x, microbatch=microbatch).astype(jnp.float32), axis=-1))
 
 
 def probabilities(loaded: LoadedModel, images: np.ndarray, *,
@@ -173,7 +179,7 @@ def probabilities(loaded: LoadedModel, images: np.ndarray, *,
     if loaded.model.num_classes is None:
         raise PredictError("This checkpoint has no classification head (a feature "
                            "extractor); there are no classes to predict.")
-    return np.asarray(_probabilities_fn(loaded.model, microbatch)(loaded.params, images))
+    return np.asarray(_probabilities_fn(loaded.model, microbatch)(loaded.variables, images))
 
 
 def predict_files(paths: list[str], loaded: LoadedModel, *, top_k: int = 5,

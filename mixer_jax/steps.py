@@ -14,12 +14,16 @@ import jax.numpy as jnp
 import optax
 
 from mixer_jax import mix
+from mixer_jax.models import registry
 
 
 @flax.struct.dataclass
 class TrainState:
     """Everything a run needs to continue exactly: step, params, optimizer state, RNG.
 
+    `constants` are the model's non-trainable variable collections (`{}` for most
+    families; RandFormer: `{"frozen": ...}`, its random mixing matrices): made by init,
+    applied with the parameters, never seen by the optimizer nor updated.
     `rng` is a raw uint32 PRNG key (`jax.random.PRNGKey` layout), so it saves
     and shards like any other array.
     """
@@ -28,6 +32,12 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array
+    constants: Any = flax.struct.field(default_factory=dict)
+
+    @property
+    def variables(self) -> dict:
+        """What `model.apply` takes: parameters and constants."""
+        return registry.as_variables(self.params, self.constants)
 
 
 def raw_key(rng: jax.Array) -> jax.Array:
@@ -40,15 +50,17 @@ def raw_key(rng: jax.Array) -> jax.Array:
 def init_state(
     model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, image_shape
 ) -> TrainState:
-    """Fresh parameters (from `rng`), optimizer state, and the dropout RNG."""
+    """Fresh parameters and constants (from `rng`), optimizer state, and the dropout RNG."""
     params_rng, state_rng = jax.random.split(raw_key(rng))
     images = jnp.zeros((1, *image_shape), jnp.float32)
-    params = nn.meta.unbox(model.init({"params": params_rng}, images, train=False)["params"])
+    params, constants = registry.split_variables(
+        nn.meta.unbox(model.init({"params": params_rng}, images, train=False)))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
         rng=state_rng,
+        constants=constants,
     )
 
 
@@ -78,9 +90,11 @@ def split_microbatches(batch: dict, accum_steps: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def forward(model: nn.Module, params: Any, images: jax.Array, *,
+def forward(model: nn.Module, variables: Any, images: jax.Array, *,
             microbatch: int | None = None) -> jax.Array:
     """Inference logits for `images`, `microbatch` images at a time when given.
+
+    `variables`: what `model.apply` takes (`registry.as_variables(params, constants)`).
 
     The micro-batches (`split_microbatches`' interleaved order; logits come back
     in input order) are independent computations in one program, which XLA:CPU
@@ -90,12 +104,12 @@ def forward(model: nn.Module, params: Any, images: jax.Array, *,
     """
     batch = images.shape[0]
     if microbatch is None or microbatch >= batch:
-        return model.apply({"params": params}, images)
+        return model.apply(variables, images)
     if microbatch < 1 or batch % microbatch:
         raise ValueError(f"A batch of {batch} images does not split into micro-batches "
                          f"of {microbatch}.")
     chunks = split_microbatches(images, batch // microbatch)
-    logits = jnp.stack([model.apply({"params": params}, chunk) for chunk in chunks])
+    logits = jnp.stack([model.apply(variables, chunk) for chunk in chunks])
     return jnp.swapaxes(logits, 0, 1).reshape(batch, *logits.shape[2:])
 
 
@@ -127,9 +141,8 @@ def train_step(
     def loss_fn(params, micro, micro_rng):
         if mixer is not None:  # inputs only: no gradient flows through mixing
             micro = mixer(micro, mix.step_key(micro_rng))
-        logits = model.apply(
-            {"params": params}, micro["image"], train=True, rngs={"dropout": micro_rng}
-        )
+        logits = model.apply(registry.as_variables(params, state.constants), micro["image"],
+                             train=True, rngs={"dropout": micro_rng})
         return jnp.mean(cross_entropy(logits, micro["label"]))
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -166,15 +179,17 @@ def train_step(
 
 
 def eval_step(
-    params: Any, batch: dict, *, model: nn.Module, axis_name: str | None = None
+    variables: Any, batch: dict, *, model: nn.Module, axis_name: str | None = None
 ) -> dict:
     """Sums over the batch of 'loss', 'top1', 'top5' and 'count', weighted by 'mask'.
+
+    `variables`: parameters and constants (`TrainState.variables`).
 
     Padding examples (mask 0) count nowhere; divide by 'count' for means. The
     true class is the argmax of the one-hot 'label'. Under pmap, `axis_name`
     sums over devices too.
     """
-    logits = model.apply({"params": params}, batch["image"], train=False)
+    logits = model.apply(variables, batch["image"], train=False)
     labels = batch["label"]
     mask = batch.get("mask")
     if mask is None:

@@ -59,10 +59,18 @@ class TimmWeights:
     num_classes: int | None    # the head's class count (None: the file has no head)
     preprocessing: registry.Preprocessing  # what the weights expect (config.json or default)
     source: str                # a description of the source, for messages
+    # The model's constants (`registry.split_variables`): {} for timm's models; the
+    # official RandFormer files' frozen matrices (`official_weights.read_official`).
+    constants: dict = dataclasses.field(default_factory=dict)
 
     @property
     def model_overrides(self) -> dict:
         return {"num_classes": self.num_classes}
+
+    @property
+    def variables(self) -> dict:
+        """What `model.apply` takes: `{"params": ..., **constants}`."""
+        return registry.as_variables(self.params, self.constants)
 
 
 def _error(message: str) -> checkpoint.CheckpointError:
@@ -108,18 +116,21 @@ def _checked(state_dict: Mapping[str, Any], label: str) -> dict[str, np.ndarray]
     return out
 
 
-def _read_safetensors(path: str) -> tuple[dict, dict]:
+def _read_safetensors(path: str, keys_only: bool = False) -> tuple[dict, dict]:
+    """(arrays, metadata); `keys_only`: {key: None} from the header, no array read."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, framework="np") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            return ({k: None if keys_only else f.get_tensor(k) for k in f.keys()},
+                    dict(f.metadata() or {}))
     except (SafetensorError, OSError, ValueError) as e:
         raise _error(f"{path!r} is not a readable .safetensors file ({e}): it is truncated, "
                      "corrupt or of another format; download or save it again.") from None
 
 
-def _read_torch(path: str) -> dict:
+def _read_torch(path: str, mmap: bool = False) -> dict:
+    """The state dict of a PyTorch file (`mmap`: arrays mapped, not read, until used)."""
     try:
         import torch
     except ImportError:
@@ -127,7 +138,7 @@ def _read_torch(path: str) -> dict:
                      "Or load the .safetensors version of the weights, which needs no torch."
                      ) from None
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise _error(f"{path!r} holds Python objects besides tensors ({first_line}); it was not "
@@ -180,6 +191,14 @@ def _read_folder(folder: str) -> tuple[dict, dict, str]:
         repr(weights)
 
 
+def file_keys(path: str) -> list[str]:
+    """The keys of a `.safetensors`/`.pth` file, its arrays left unread (safetensors: the
+    header; PyTorch: memory-mapped). Raises CheckpointError for a file it cannot read."""
+    if path.endswith(_TORCH_SUFFIXES):
+        return list(_read_torch(path, mmap=True))
+    return list(_read_safetensors(path, keys_only=True)[0])
+
+
 def _read_file(path: str) -> tuple[dict, dict]:
     if path.endswith(_TORCH_SUFFIXES):
         return _read_torch(path), {}
@@ -205,6 +224,13 @@ def is_timm_source(source) -> bool:
     path = os.fspath(source)
     return (path.startswith(HF_HUB_PREFIX) or path.endswith((".safetensors", *_TORCH_SUFFIXES))
             or any(os.path.exists(os.path.join(path, n)) for n in _WEIGHT_FILES))
+
+
+def read_state_dict(source) -> tuple[dict[str, np.ndarray], str]:
+    """(numpy state dict, a label for messages) of a `.safetensors`/`.pth` file, a snapshot
+    folder or a state dict, its floating arrays checked finite; no key is interpreted."""
+    state_dict, _, label = _read_source(source)
+    return state_dict, label
 
 
 def _read_source(source) -> tuple[dict, dict, str]:
@@ -296,7 +322,7 @@ def _zeros(shape, dtype=np.float32) -> np.ndarray:
     return np.broadcast_to(np.zeros((), dtype), shape)
 
 
-def _variant(family: registry.Family, flat) -> str | None:
+def variant_of(family: registry.Family, flat) -> str | None:
     """The name of `family`'s variant that flat parameters are (timm's names first)."""
     try:
         fields = family.architecture(flat)
@@ -312,7 +338,7 @@ def _variant(family: registry.Family, flat) -> str | None:
 def model_name(params) -> str | None:
     """The registered variant a parameter tree (nested or flat) is, from its shapes, or None."""
     flat = params if all("/" in k for k in params) else checkpoint.flatten_params(params)
-    return next(filter(None, (_variant(models.get_family(f), flat)
+    return next(filter(None, (variant_of(models.get_family(f), flat)
                               for f in models.list_families())), None)
 
 
@@ -323,7 +349,7 @@ def _identify(state_dict) -> tuple[str, dict] | None:
             flat = family.from_timm(state_dict) if family.from_timm else None
         except (ValueError, KeyError, IndexError, TypeError):
             continue
-        name = flat is not None and _variant(family, flat)
+        name = flat is not None and variant_of(family, flat)
         if name:
             return name, flat
     return None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import signal
 import threading
 import time
@@ -95,24 +96,32 @@ class Pretrained:
     path: str
     shapes: finetune.Source
     values: finetune.Source | None
-    stored_shapes: dict | None  # orbax: flat shapes as stored (per-block or scanned)
+    # orbax: {collection: flat shapes} as stored (params per-block or scanned; constants)
+    stored_shapes: dict | None
+
+    @functools.cached_property
+    def identified(self) -> tuple[models.Family, dict]:
+        """(family, architecture fields) of the source."""
+        return finetune.identify(self.shapes.flat, self.shapes.name, self.shapes.model_name)
 
     @property
     def family(self) -> models.Family:
-        return finetune.identify(self.shapes.flat, self.shapes.name)[0]
+        return self.identified[0]
 
 
 def _shapes_source(stored: dict, name: str, **kw) -> finetune.Source:
-    """A Source of zero-stride arrays of these flat shapes (either layout)."""
-    fake = {k: np.broadcast_to(np.float32(0), s) for k, s in stored.items()}
-    return finetune.Source(checkpoint.flatten_params(traverse_util.unflatten_dict(fake, sep="/")),
-                           name, **kw)
+    """A Source of zero-stride arrays of these shapes ({collection: flat shapes}, either
+    layout)."""
+    fake = {collection: traverse_util.unflatten_dict(
+        {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}, sep="/")
+        for collection, shapes in stored.items()}
+    return finetune.Source.of_variables(fake, name, **kw)
 
 
 def resolve_pretrained(path: str) -> Pretrained:
     """Reads what `path` is (for an orbax checkpoint: its metadata only) once per run."""
     if finetune.is_orbax(path):
-        stored = train_checkpoint.stored_params_shapes(path)
+        stored = train_checkpoint.stored_shapes(path)
         meta = train_checkpoint.read_meta(path) or {}
         shapes = _shapes_source(stored, repr(path),
                                 preprocessing=finetune.preprocessing_from_meta(meta),
@@ -122,54 +131,60 @@ def resolve_pretrained(path: str) -> Pretrained:
     return Pretrained(path, values, values, None)
 
 
-def _host_params(strategy, state):
-    """The state's parameters as numpy arrays on every host (for `load_pretrained`)."""
-    params = strategy.to_saveable(state).params
+def _host_variables(strategy, state):
+    """The state's parameters and constants as numpy arrays on every host (for
+    `load_pretrained`)."""
+    variables = strategy.to_saveable(state).variables
     if jax.process_count() > 1:
-        return multihost_utils.process_allgather(params, tiled=True)
-    return jax.device_get(params)
+        return multihost_utils.process_allgather(variables, tiled=True)
+    return jax.device_get(variables)
 
 
 def _restore_sharded_params(pretrained: Pretrained, strategy, state, config):
-    """Orbax parameters that fit the model (classifier aside) read straight into their
-    shardings.
+    """Orbax parameters (and constants) that fit the model (classifier aside) read straight
+    into their shardings.
 
     Returns None when they do not fit as they are (another layout, image size or variant):
     the caller then goes through `finetune.load_pretrained` on the host.
     """
-    flat_target = traverse_util.flatten_dict(strategy.abstract_state().params, sep="/")
-    wanted = {k: tuple(v.shape) for k, v in flat_target.items()}
+    targets = {c: traverse_util.flatten_dict(tree, sep="/")
+               for c, tree in strategy.abstract_state().variables.items()}
+    wanted = {c: {k: tuple(v.shape) for k, v in flat.items()} for c, flat in targets.items()}
     stored = pretrained.stored_shapes
     head = lambda k: any(k == p or k.startswith(p + "/") for p in pretrained.family.classifier)
-    differ = {k for k in wanted if stored.get(k) != wanted[k]}
-    if set(stored) != set(wanted) or not all(head(k) for k in differ):
+    differ = {k for k in wanted["params"] if stored["params"].get(k) != wanted["params"][k]}
+    same_keys = {c: set(v) for c, v in stored.items()} == {c: set(v) for c, v in wanted.items()}
+    constants_fit = all(stored[c] == wanted[c] for c in wanted if c != "params")
+    if not (same_keys and constants_fit) or not all(head(k) for k in differ):
         return None
     reset_head = config.reset_head if config.reset_head is not None else bool(differ)
     if differ and not reset_head:
         return None  # let load_pretrained explain the mismatch
     if reset_head:
-        flat_target = {k: v for k, v in flat_target.items() if not head(k)}
-    loaded = traverse_util.flatten_dict(train_checkpoint.restore_params(
-        pretrained.path, traverse_util.unflatten_dict(flat_target, sep="/")), sep="/")
+        targets["params"] = {k: v for k, v in targets["params"].items() if not head(k)}
+    loaded = train_checkpoint.restore_variables(pretrained.path, {
+        c: traverse_util.unflatten_dict(flat, sep="/") for c, flat in targets.items()})
+    params, constants = models.split_variables(loaded)
+    read = traverse_util.flatten_dict(params, sep="/")
     current = traverse_util.flatten_dict(state.params, sep="/")
-    params = traverse_util.unflatten_dict({k: loaded.get(k, current[k]) for k in current}, sep="/")
-    logging.info("Restored %d parameter arrays from %s into their shardings%s.", len(loaded),
+    params = traverse_util.unflatten_dict({k: read.get(k, current[k]) for k in current}, sep="/")
+    logging.info("Restored %d parameter arrays from %s into their shardings%s.", len(read),
                  pretrained.path, " (head from the new model)" if reset_head else "")
-    return state.replace(params=params)
+    return state.replace(params=params, constants=constants)
 
 
 def _load_pretrained(pretrained: Pretrained, strategy, state, config):
-    """`state` with its parameters taken from the pre-trained source."""
+    """`state` with its parameters (and constants) taken from the pre-trained source."""
     if pretrained.values is None and not isinstance(strategy, parallel.PmapStrategy):
         restored = _restore_sharded_params(pretrained, strategy, state, config)
         if restored is not None:
             return restored
     source = pretrained.values or finetune.read_source(pretrained.path)
-    params = finetune.load_pretrained(
-        source, _host_params(strategy, state), reset_head=config.reset_head,
+    variables = finetune.load_pretrained(
+        source, _host_variables(strategy, state), reset_head=config.reset_head,
         token_mixing=config.token_mixing, image_size=config.pp.crop)
     logging.info("Fine-tuning from %s.", pretrained.path)
-    return strategy.with_params(state, params)
+    return strategy.with_variables(state, variables)
 
 
 def _model_overrides(config, ckpt, pretrained: Pretrained | None) -> dict:
@@ -180,7 +195,7 @@ def _model_overrides(config, ckpt, pretrained: Pretrained | None) -> dict:
     """
     latest = ckpt.latest_step()
     if latest is not None:
-        own = _shapes_source(train_checkpoint.stored_params_shapes(str(ckpt.directory), latest),
+        own = _shapes_source(train_checkpoint.stored_shapes(str(ckpt.directory), latest),
                              "The run's checkpoint")
         return finetune.token_width_overrides(own, config.pp.crop)
     if pretrained is None:
@@ -189,7 +204,7 @@ def _model_overrides(config, ckpt, pretrained: Pretrained | None) -> dict:
     if pretrained.family is not family:
         raise checkpoint.CheckpointError(
             f"{pretrained.path!r} holds a {pretrained.family.name} model "
-            f"({finetune.describe(*finetune.identify(pretrained.shapes.flat))}) but "
+            f"({finetune.describe(*pretrained.identified)}) but "
             f"config.model_name={config.model_name!r} is a {family.name} model; set "
             "config.model_name to the checkpoint's model.")
     return finetune.token_width_overrides(pretrained.shapes, config.pp.crop,
@@ -220,9 +235,9 @@ def _with_preprocessing(config, ckpt, pretrained: Pretrained | None):
 def evaluate(strategy, state, config) -> dict:
     """Loss, top-1 and top-5 over every eval example exactly once (padding masked out)."""
     totals = {}
-    params = strategy.params_of(state)
+    variables = strategy.variables_of(state)
     for batch in strategy.prefetch(input_pipeline.eval_dataset(config).as_numpy_iterator()):
-        sums = jax.device_get(strategy.eval_step(params, batch))
+        sums = jax.device_get(strategy.eval_step(variables, batch))
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)
     count = totals.get("count", 0.0)

@@ -2,6 +2,9 @@
 
 Layout, in `<workdir>/checkpoints/<step>/` (one directory per saved step):
   params/  the model parameters (the model's own layout, per-block or scanned);
+  constants/  only for models with non-trainable variable collections: `{collection:
+           tree}` (RandFormer: `{"frozen": ...}`, its random mixing matrices as drawn at
+           init), restored with the parameters wherever they are read;
   train/   {'step', 'opt_state', 'rng'}: the rest of the TrainState;
   meta/    JSON: {'step', 'config', 'class_names'} (the config the run used, and the
            names of its classes when the dataset has them: `predict` shows them), 'model_name'
@@ -14,7 +17,8 @@ yields exactly the batches an uninterrupted run sees from there on.
 Saves are asynchronous (training continues while arrays are written) and
 atomic (a step directory appears only once complete, so a crash mid-save leaves
 the previous checkpoint as the latest). `convert.py` writes checkpoints with a
-`params/` item only; `restore_params` reads the parameters of either kind.
+`params/` (and `constants/`) item only; `restore_params` / `restore_variables` read
+the parameters (and constants) of either kind.
 
 Reading verifies first: a resumed run checks the newest step against its
 integrity data; a step that fails (a missing, truncated or altered file) is
@@ -39,13 +43,15 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from mixer_jax import models
 from mixer_jax.checkpoint import CheckpointError
 from mixer_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"  # in the workdir: steps that failed verification
 INTEGRITY_FILE = "integrity.json"
-_ITEMS = ("params", "train", "meta")
+CONSTANTS = "constants"  # the item of a model's constants (`steps.TrainState.constants`)
+_ITEMS = ("params", CONSTANTS, "train", "meta")
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 _CHUNK = 1 << 22
 # What a full file system (or a file-size limit) says, whichever layer reports it.
@@ -105,6 +111,7 @@ class TrainCheckpointer:
             self._check_free_space()
             self._manager.save(int(step), force=True, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.params),
+                **_constants_item(state.constants, ocp.args.StandardSave),
                 train=ocp.args.StandardSave(_train_part(state)),
                 meta=ocp.args.JsonSave(meta),
             ))
@@ -185,16 +192,19 @@ class TrainCheckpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_state.params),
+                **_constants_item(abstract_state.constants, ocp.args.StandardRestore),
                 train=ocp.args.StandardRestore(_train_part(abstract_state)),
                 meta=ocp.args.JsonRestore(),
             ))
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
             raise CheckpointError(
                 f"The checkpoint of step {step} in {self.directory} does not fit this run's "
                 f"model and optimizer state; it was written with another config (model, "
                 f"optimizer or model.scan). Resume with that config, or use a new workdir. "
                 f"({error})") from error
-        return abstract_state.replace(params=restored.params, **restored.train), restored.meta
+        constants = restored[CONSTANTS] if abstract_state.constants else {}
+        return (abstract_state.replace(params=restored.params, constants=constants,
+                                       **restored.train), restored.meta)
 
     def reached_preemption(self, step: int) -> bool:
         """True once every host has reached the step at which a preemption notice applies."""
@@ -218,6 +228,11 @@ class TrainCheckpointer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _constants_item(constants, make) -> dict:
+    """The composite entry of a model's constants; none when it has none (most families)."""
+    return {CONSTANTS: make(constants)} if constants else {}
 
 
 def _train_part(state) -> dict:
@@ -380,10 +395,16 @@ def read_meta(path: str, step: int | None = None) -> dict:
     return json.loads(file.read_text()) if file.exists() else {}
 
 
-def stored_params_shapes(path: str, step: int | None = None) -> dict:
-    """Flat {'a/b/c': shape} of the parameters stored in a checkpoint (nothing is read)."""
+def stored_shapes(path: str, step: int | None = None) -> dict:
+    """{collection: {'a/b/c': shape}} of the variables stored in a checkpoint: 'params' and
+    each collection of constants (nothing is read)."""
     root, step = find_checkpoint(path, step)
-    return _item_shapes(root / str(step) / "params")
+    shapes = {"params": _item_shapes(root / str(step) / "params")}
+    if (root / str(step) / CONSTANTS).is_dir():
+        for key, shape in _item_shapes(root / str(step) / CONSTANTS).items():
+            collection, rest = key.split("/", 1)
+            shapes.setdefault(collection, {})[rest] = shape
+    return shapes
 
 
 def _item_shapes(params_dir: epath.Path) -> dict:
@@ -393,34 +414,53 @@ def _item_shapes(params_dir: epath.Path) -> dict:
 
 
 def restore_params(path: str, target=None, *, step: int | None = None):
-    """Reads checkpointed parameters (from a training run or from `convert npz-to-orbax`).
+    """The parameters of `restore_variables` (`target`: a parameter tree, or None)."""
+    return restore_variables(path, None if target is None else {"params": target},
+                             step=step)["params"]
 
-    `target`: None reads all parameters as host numpy arrays; otherwise a (possibly partial)
-    pytree of jax.ShapeDtypeStruct whose leaves are read directly into their `.sharding`, so
-    large models never pass through one host's memory whole.
+
+def restore_variables(path: str, target=None, *, step: int | None = None) -> dict:
+    """Reads checkpointed variables (from a training run or from `convert`): `{"params":
+    ..., **constants}`, the constants (e.g. RandFormer's "frozen") where the checkpoint has them.
+
+    `target`: None reads everything as host numpy arrays; otherwise a variables dict of
+    (possibly partial) pytrees of jax.ShapeDtypeStruct whose leaves are read directly into
+    their `.sharding`, so large models never pass through one host's memory whole.
 
     Verifies the step's integrity data first and refuses NaN/Inf values: both raise
     CorruptCheckpointError naming the step and the file or parameter.
     """
     root, step = find_checkpoint(path, step)
+    name = f"The checkpoint of step {step} in {root}"
     problem = verify_step(root / str(step))
     if problem is not None:
-        raise CorruptCheckpointError(f"The checkpoint of step {step} in {root} is corrupt: "
-                                     f"{problem}. Use another step (--step) or a good copy.")
+        raise CorruptCheckpointError(f"{name} is corrupt: {problem}. Use another step "
+                                     "(--step) or a good copy.")
+    params_target, constants_target = models.split_variables(target or {"params": None})
+    constants_dir = root / str(step) / CONSTANTS
+    if constants_target and not constants_dir.is_dir():
+        raise CheckpointError(f"{name} holds no constants ({', '.join(constants_target)}); "
+                              "it was written for a model without them.")
+    constants = {}
+    if constants_dir.is_dir() and (target is None or constants_target):
+        constants = _restore_item(constants_dir, constants_target or None)
+    params = _restore_item(root / str(step) / "params", params_target)
+    for tree in (params, constants):
+        _check_finite(tree, name)
+    return models.as_variables(params, constants)
+
+
+def _restore_item(directory: epath.Path, target):
     checkpointer = ocp.PyTreeCheckpointer()
-    params_dir = root / str(step) / "params"
     if target is None:
-        shapes = _item_shapes(params_dir)
         restore_args = traverse_util.unflatten_dict(
-            {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in shapes}, sep="/")
-        params = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
+            {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in _item_shapes(directory)},
+            sep="/")
+        return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
             restore_args=restore_args))
-    else:
-        params = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))
-    _check_finite(params, f"The checkpoint of step {step} in {root}")
-    return params
+    return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
 
 
 def _check_finite(params, source: str) -> None:
@@ -432,9 +472,12 @@ def _check_finite(params, source: str) -> None:
                 "diverged, or the file was altered); refusing to use it.")
 
 
-def save_params(params, directory: str, *, step: int = 0, meta: dict | None = None) -> None:
-    """Writes `params` as a params-only checkpoint `<directory>/<step>/` (synchronously)."""
-    items = {"params": ocp.args.StandardSave(params)}
+def save_params(params, directory: str, *, step: int = 0, meta: dict | None = None,
+                constants=None) -> None:
+    """Writes `params` (and the model's `constants`, if any) as a params-only checkpoint
+    `<directory>/<step>/` (synchronously)."""
+    items = {"params": ocp.args.StandardSave(params),
+             **_constants_item(constants, ocp.args.StandardSave)}
     if meta is not None:
         items["meta"] = ocp.args.JsonSave(meta)
     with ocp.CheckpointManager(epath.Path(directory), item_names=tuple(items),

@@ -96,9 +96,9 @@ def test_eval_matches_single_device(name):
     model, _, host = reference_setup()
     batch = synthetic_batch(5)
     batch["mask"] = (np.arange(BATCH) < 11).astype(np.float32)
-    expected = jax.jit(functools.partial(steps.eval_step, model=model))(host.params, batch)
+    expected = jax.jit(functools.partial(steps.eval_step, model=model))(host.variables, batch)
     state = strategy.place(host)
-    sums = jax.device_get(strategy.eval_step(strategy.params_of(state), strategy.put_batch(batch)))
+    sums = jax.device_get(strategy.eval_step(strategy.variables_of(state), strategy.put_batch(batch)))
     assert sums["count"] == 11
     for key in expected:
         np.testing.assert_allclose(sums[key], expected[key], rtol=1e-5, err_msg=key)

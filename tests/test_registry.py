@@ -35,18 +35,11 @@ def tiny_overrides(family) -> dict:
     return dict(family.tiny) or TINY.get(family.name, {})
 
 
-# Families the generic init/apply/steps do not carry yet, and why.
-NOT_GENERIC = {"randformer": "its frozen mixing matrices live in a second variable collection, "
-                             "and the generic init/apply/train steps pass 'params' only"}
-
-
 def family_params():
     """One pytest param per registered family (slow when it has no tiny overrides)."""
     out = []
     for name in models.list_families():
         marks = () if tiny_overrides(models.get_family(name)) else (pytest.mark.slow,)
-        if name in NOT_GENERIC:
-            marks = (pytest.mark.skip(reason=NOT_GENERIC[name]),)
         out.append(pytest.param(name, marks=marks, id=name))
     return out
 
@@ -88,17 +81,18 @@ def test_every_name_builds_abstractly(name):
 def test_init_apply_and_features(family_name):
     model, size = tiny(family_name)
     images = jax.random.uniform(jax.random.key(1), (2, size, size, 3), minval=-1, maxval=1)
-    params = jax.jit(lambda key: models.init_params(model, key, (size, size, 3)))(
+    variables = jax.jit(lambda key: models.init_variables(model, key, (size, size, 3)))(
         jax.random.key(0))
+    params, constants = models.split_variables(variables)
     logits, feats = jax.jit(functools.partial(model.apply, return_intermediates=True))(
-        {"params": params}, images)
+        models.as_variables(params, constants), images)
     assert logits.shape == (2, NUM_CLASSES) and np.isfinite(logits).all()
     assert "stem" in feats and "pre_logits" in feats
     assert any(re.fullmatch(r"(block|stage)_\d+", k) for k in feats), sorted(feats)
     headless = model.clone(num_classes=None)
-    features = jax.jit(headless.apply)(
-        {"params": {k: v for k, v in params.items()
-                    if k not in models.get_family(family_name).classifier}}, images)
+    features = jax.jit(headless.apply)(models.as_variables(
+        {k: v for k, v in params.items() if k not in models.get_family(family_name).classifier},
+        constants), images)
     np.testing.assert_allclose(features, feats["pre_logits"], rtol=1e-5, atol=1e-5)
 
 

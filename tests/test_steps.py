@@ -62,7 +62,7 @@ def test_forward_in_microbatches_keeps_input_order(microbatch):
     whole = np.asarray(jitted_logits(model)(state.params, images))
     assert np.ptp(whole[:, 0]) > 0.1  # examples differ, so a reordering would show
     pieces = jax.jit(functools.partial(steps.forward, model, microbatch=microbatch))
-    np.testing.assert_allclose(pieces(state.params, images), whole, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pieces(state.variables, images), whole, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("microbatch", [0, 3, -2])
@@ -70,7 +70,7 @@ def test_forward_rejects_microbatches_that_do_not_divide(microbatch):
     model, _, state = reference_setup()
     with pytest.raises(ValueError, match=f"batch of 16 images does not split into "
                                          f"micro-batches of {microbatch}"):
-        steps.forward(model, state.params, synthetic_batch(5)["image"], microbatch=microbatch)
+        steps.forward(model, state.variables, synthetic_batch(5)["image"], microbatch=microbatch)
 
 
 def test_train_step_loss_and_learning():
@@ -142,12 +142,12 @@ def test_eval_step_sums_with_mask():
     }
     assert 0 < expected["top1"] < expected["top5"] < expected["count"]  # a telling case
     evaluate = jax.jit(functools.partial(steps.eval_step, model=model))
-    sums = jax.device_get(evaluate(state.params, {**batch, "mask": mask}))
+    sums = jax.device_get(evaluate(state.variables, {**batch, "mask": mask}))
     for key, value in expected.items():
         np.testing.assert_allclose(sums[key], value, rtol=1e-5, err_msg=key)
     # padding examples do not count, whatever they contain
     garbage = batch["image"].copy()
     garbage[-5:] = 1.0
-    again = jax.device_get(evaluate(state.params, {**batch, "image": garbage, "mask": mask}))
+    again = jax.device_get(evaluate(state.variables, {**batch, "image": garbage, "mask": mask}))
     for key in expected:
         np.testing.assert_allclose(again[key], sums[key], rtol=1e-6, err_msg=key)

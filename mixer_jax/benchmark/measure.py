@@ -158,11 +158,12 @@ def synthetic_batch(model: nn.Module, batch: int, image_size: int):
     return images, jnp.asarray(labels)
 
 
-def synthetic_params(model: nn.Module, image_size: int) -> dict:
-    """Parameters of the model's shapes and dtypes filled with small random values
-    on the host: the same timing as trained weights, without compiling `init`."""
+def synthetic_variables(model: nn.Module, image_size: int) -> dict:
+    """Variables (parameters and constants) of the model's shapes and dtypes filled with
+    small random values on the host: the same timing as trained weights, without
+    compiling `init`."""
     image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    shapes = models.param_shapes(model, image.shape[1:])
+    shapes = models.variable_shapes(model, image.shape[1:])
     leaves, treedef = jax.tree.flatten(shapes)
     return jax.tree.unflatten(treedef, [host_random(s.shape, s.dtype, seed=10 + i, scale=0.05)
                                         for i, s in enumerate(leaves)])
@@ -196,9 +197,10 @@ def benchmark_model(variant: str, *, mode: str, batch: int, dtype: str = "float3
     images, labels = synthetic_batch(model, batch, image_size)
 
     if mode == "inference":
-        params = synthetic_params(model, image_size)
+        variables = synthetic_variables(model, image_size)
+        params = variables["params"]
         fn = jax.jit(functools.partial(forward, model, microbatch=microbatch))
-        args = (params, images)
+        args = (variables, images)
     else:  # the training step and state exactly as training has them
         tx = recipe_optimizer(optimizer)
         init = functools.partial(init_state, model, tx, image_shape=images.shape[1:])

@@ -13,13 +13,15 @@ from mixer_jax.models.layers import drop_path
 from mixer_jax.models.mixer import (BLOCK_PREFIX, MODEL_FIELDS, SCANNED_BLOCKS, VARIANTS,
                                     MixerBlock, MlpBlock, MlpMixer, stack_blocks,
                                     unstack_blocks)
-from mixer_jax.models.registry import (Family, Preprocessing, create_model, get_family,
-                                       init_params, list_families, list_models, param_axes,
-                                       param_shapes)
+from mixer_jax.models.registry import (Family, Preprocessing, as_variables, create_model,
+                                       get_family, init_params, init_variables, list_families,
+                                       list_models, param_axes, param_shapes, split_variables,
+                                       variable_shapes)
 
 __all__ = [
     "BLOCK_PREFIX", "MODEL_FIELDS", "SCANNED_BLOCKS", "VARIANTS", "Family", "MixerBlock",
-    "MlpBlock", "MlpMixer", "Preprocessing", "create_model", "drop_path", "get_family",
-    "init_params", "list_families", "list_models", "param_axes", "param_shapes",
-    "stack_blocks", "unstack_blocks",
+    "MlpBlock", "MlpMixer", "Preprocessing", "as_variables", "create_model", "drop_path",
+    "get_family", "init_params", "init_variables", "list_families", "list_models",
+    "param_axes", "param_shapes", "split_variables", "stack_blocks", "unstack_blocks",
+    "variable_shapes",
 ]

@@ -31,11 +31,19 @@ RandFormer's frozen matrices: `softmax(uniform(N, N), axis=-1)` drawn at init fr
 "params" rng, N the stage's token count at the init image size (official code: 196 and 49,
 i.e. 224x224). They live in the Flax collection "frozen" (`variables["frozen"]`), not in
 "params", so optimizers, weight decay and gradients never see them; apply with
-`{"params": ..., "frozen": ...}`. Checkpoints must carry the whole variables dict (the
-official `.pth` holds them as `stages.{i}.{j}.token_mixer.random_matrix`, see
-`from_official`). Another input size is refused with a ValueError naming the fixed
-token count (a random mixing matrix has no meaningful resize; initialise a new model at
-the new size for new random matrices).
+`{"params": ..., "frozen": ...}` (`registry.as_variables(params, constants)`). The
+library carries them as the model's constants (`registry.split_variables`): the training
+state's `constants` field (replicated on meshes, never updated), a `constants/` item
+`{"frozen": ...}` next to `params/` in every orbax checkpoint (training runs and `convert`;
+`train_checkpoint.restore_variables` reads both back), and fine-tuning (`load_pretrained`
+with the model's variables) and `predict` take them from the file unchanged. The official
+`.pth` holds them as `stages.{i}.{j}.token_mixer.random_matrix` (`from_official`,
+`mixer_jax.official_weights`). Their keys are what tells a RandFormer tree from an
+IdentityFormer one (`_architecture` reads parameters and constants in one namespace,
+`checkpoint.flatten_variables`). Another input size is refused with a ValueError naming
+the fixed token count (a random mixing matrix has no meaningful resize; initialise a new
+model at the new size for new random matrices); fine-tuning a file at another image size
+is refused likewise.
 
 Regularisation (identity at eval):
 - `stoch_depth`: drop-path on both residual branches of every block, the rate rising
@@ -48,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -446,12 +455,16 @@ def _architecture(line: str, flat) -> dict:
     for i in sorted(blocks):
         names = blocks[i][0]
         found = ("attention" if "token_mixer/qkv/kernel" in names else
-                 "sepconv" if "token_mixer/pwconv1/kernel" in names else None)
+                 "sepconv" if "token_mixer/pwconv1/kernel" in names else
+                 "random" if "token_mixer/" + keys.RANDOM_MATRIX in names else None)
         default = base["token_mixers"][min(i, len(base["token_mixers"]) - 1)]
-        if found is None and default in ("sepconv", "attention") or \
-                found is not None and found != default:
+        if found != default and (found is not None or default in ("sepconv", "attention",
+                                                                   "random")):
+            # RandFormer's matrices are constants: its parameters alone look like IdentityFormer's.
             raise ValueError(f"Not a {line} parameter tree: stage {i} has a "
-                             f"{found or 'parameter-free'} token mixer, {line} a {default} one.")
+                             f"{found or 'parameter-free'} token mixer, {line} a {default} one"
+                             + (" (RandFormer's frozen matrices, constants besides the "
+                                "parameters, are missing)" if default == "random" else "") + ".")
         mixers.append(default)
     first = {i: blocks[i][0] for i in blocks}
     kernel = flat["stem_conv/kernel"].shape[0]
@@ -504,19 +517,20 @@ def _expected(line: str, flat) -> dict:
     return {**_flat(variables["params"]), **_flat(variables.get(FROZEN, {}))}
 
 
-def _check_keys(line: str, flat) -> None:
+def _check_keys(line: str, flat, show=repr) -> None:
+    """Raises ValueError naming (by `show(key)`) the first missing, mis-shaped or unknown key."""
     expected = _expected(line, flat)
     for key in sorted(expected):
         if key not in flat:
-            raise ValueError(f"The {line} weights lack {key!r}.")
+            raise ValueError(f"The {line} weights lack {show(key)}.")
         # A RandFormer matrix's size follows the image size at init, not the architecture.
         if not key.endswith(keys.RANDOM_MATRIX) and \
                 tuple(flat[key].shape) != tuple(expected[key].shape):
-            raise ValueError(f"{key!r} has shape {tuple(flat[key].shape)}, the {line} model "
-                             f"it describes expects {tuple(expected[key].shape)}.")
+            raise ValueError(f"{show(key)} has shape {tuple(flat[key].shape)}, the {line} "
+                             f"model it describes expects {tuple(expected[key].shape)}.")
     unknown = sorted(set(flat) - set(expected))
     if unknown:
-        raise ValueError(f"Unknown {line} parameter {unknown[0]!r}.")
+        raise ValueError(f"Unknown {line} parameter {show(unknown[0])}.")
 
 
 def _from_timm(line: str, state_dict) -> dict:
@@ -539,9 +553,18 @@ def from_official(state_dict) -> dict:
     """
     sd = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
           for k, v in state_dict.items()}
-    flat = keys.timm_to_flat(keys.official_to_timm_names(sd))
-    line = "randformer" if any(k.endswith(keys.RANDOM_MATRIX) for k in flat) else "identityformer"
-    _check_keys(line, flat)
+    line = official_line(sd)
+    if line is None:
+        raise ValueError(f"Not the official MetaFormer layout (keys 'downsample_layers.*', "
+                         f"'stages.<i>.<j>.*'): found e.g. {sorted(sd)[:3]}.")
+    renamed = keys.official_to_timm_names(sd)  # the same order
+    unknown = next((k for k, name in zip(sd, renamed) if keys.flat_name(name) is None), None)
+    if unknown is not None:
+        raise ValueError(f"Unknown key {unknown!r}: not one of the official IdentityFormer/"
+                         "RandFormer layout.")
+    flat = keys.timm_to_flat(renamed)
+    _check_keys(line, flat, show=lambda key: repr(next(iter(keys.timm_to_official_names(
+        keys.flat_to_timm({key: np.float32(0)}, pointwise_convs=False))))))
     frozen = {k: v for k, v in flat.items() if k.endswith(keys.RANDOM_MATRIX)}
     params = {k: v for k, v in flat.items() if k not in frozen}
     return {"params": _nest(params), **({FROZEN: _nest(frozen)} if frozen else {})}
@@ -552,6 +575,35 @@ def to_official(variables) -> dict:
     flat = {k: np.asarray(v) for col in ("params", FROZEN)
             for k, v in _flat(variables.get(col, {})).items()}
     return keys.timm_to_official_names(keys.flat_to_timm(flat, pointwise_convs=False))
+
+
+def official_line(state_dict) -> str | None:
+    """'randformer' or 'identityformer' for a state dict in the official layout (its keys:
+    `downsample_layers.*`, `stages.{i}.{j}.*`), None for any other layout. The other official
+    lines (PoolFormer v2, ConvFormer, CAFormer) share the layout; `from_official` refuses them."""
+    names = list(state_dict)
+    if not any(k.startswith("downsample_layers.") for k in names) or \
+            not any(re.match(r"stages\.\d+\.\d+\.", k) for k in names):
+        return None
+    return "randformer" if any(k.endswith(keys.RANDOM_MATRIX) for k in names) \
+        else "identityformer"
+
+
+def init_image_size(variables) -> int:
+    """The square image side a model's variables were made for: the one whose token count
+    RandFormer's frozen matrices fix (224 for the published models), else 224."""
+    frozen = _flat(variables.get(FROZEN, {}))
+    if not frozen:
+        return 224
+    key = min(frozen)
+    stage, tokens = int(re.match(r"stages_(\d+)_", key)[1]), frozen[key].shape[0]
+    fields = _architecture("randformer", {**_flat(variables["params"]), **frozen})
+    side = math.isqrt(tokens)
+    size = side * fields["stem"][1] * 2 ** stage
+    if feature_sizes(fields["stem"], len(fields["depths"]), size)[stage] ** 2 != tokens:
+        raise ValueError(f"{key!r} mixes {tokens} tokens, not a square map of a stage "
+                         f"{stage} of this RandFormer: the weights are inconsistent.")
+    return size
 
 
 def flops(model: MetaFormer, image_size: tuple[int, int]) -> dict[str, int]:

@@ -82,6 +82,11 @@ def _translate(key: str, forward: bool, mlp_head: bool) -> str | None:
     return None
 
 
+def flat_name(timm_key: str) -> str | None:
+    """Our flat key of a timm key, or None for a key no rule knows."""
+    return _translate(timm_key, False, False)
+
+
 def _attention_stages(keys) -> set[str]:
     return {m.group(1) for k in keys if (m := re.match(r"stages_(\d+)_.*/qkv/kernel$", k))}
 

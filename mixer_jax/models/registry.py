@@ -21,6 +21,13 @@ Conventions every family's module follows (one model API):
 - fields `num_classes`, `dropout`, `stoch_depth` (each family's documented rule),
   `dtype`, `param_dtype`, `remat` (per block); isotropic families also `scan`.
 - parameters are created through `nn.with_logical_partitioning` with names from `AXES`.
+
+Variables: `model.init` gives the collection "params" (what training updates) and, for
+some families, non-trainable collections ("constants" here: RandFormer's frozen mixing
+matrices in "frozen"), created once at init and never updated. `init_variables` returns
+them all, `split_variables` separates the parameters from the constants, and
+`as_variables(params, constants)` is the one way the library builds what `model.apply`
+takes. Constants carry no logical axes: strategies replicate them.
 """
 from __future__ import annotations
 
@@ -163,24 +170,50 @@ def create_model(name: str, **overrides) -> nn.Module:
     return family.module(**{**family.variants[canonical_name(name)], **overrides})
 
 
+PARAMS = "params"  # the trainable collection; every other one holds constants
+
+
+def split_variables(variables: Mapping[str, Any]) -> tuple[Any, dict]:
+    """A Flax variables dict -> (parameters, constants: the other collections, maybe {})."""
+    return variables[PARAMS], {k: v for k, v in variables.items() if k != PARAMS}
+
+
+def as_variables(params: Any, constants: Mapping[str, Any] | None = None) -> dict:
+    """What `model.apply` takes: the parameters and the constants (`split_variables`)."""
+    return {PARAMS: params, **(constants or {})}
+
+
 def _init(model: nn.Module, image_shape, rng):
-    return model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))["params"]
+    return model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))
 
 
-def init_params(model: nn.Module, rng, image_shape=(224, 224, 3)) -> dict:
-    """Fresh parameters of `model` for images of `image_shape` (HWC), axis boxes removed."""
+def init_variables(model: nn.Module, rng, image_shape=(224, 224, 3)) -> dict:
+    """Fresh variables of `model` (parameters and constants) for images of `image_shape`
+    (HWC), axis boxes removed."""
     return nn.meta.unbox(_init(model, image_shape, rng))
 
 
-def param_shapes(model: nn.Module, image_shape=(224, 224, 3)) -> dict:
-    """The parameters of `model` as `jax.ShapeDtypeStruct`s (nothing is computed)."""
+def init_params(model: nn.Module, rng, image_shape=(224, 224, 3)) -> dict:
+    """Fresh parameters of `model` (`init_variables` without the constants)."""
+    return init_variables(model, rng, image_shape)[PARAMS]
+
+
+def variable_shapes(model: nn.Module, image_shape=(224, 224, 3)) -> dict:
+    """The variables of `model` (parameters and constants) as `jax.ShapeDtypeStruct`s
+    (nothing is computed)."""
     return nn.meta.unbox(jax.eval_shape(functools.partial(_init, model, image_shape),
                                         jax.random.key(0)))
 
 
+def param_shapes(model: nn.Module, image_shape=(224, 224, 3)) -> dict:
+    """The parameters of `model` as `jax.ShapeDtypeStruct`s (nothing is computed)."""
+    return variable_shapes(model, image_shape)[PARAMS]
+
+
 def param_axes(model: nn.Module, image_shape=(224, 224, 3)) -> dict:
     """The logical axis names of every parameter (a tree of tuples), computed abstractly."""
-    boxed = jax.eval_shape(functools.partial(_init, model, image_shape), jax.random.key(0))
+    boxed = jax.eval_shape(functools.partial(_init, model, image_shape),
+                           jax.random.key(0))[PARAMS]
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
     return jax.tree.map(lambda b: tuple(b.names) if is_box(b) else (None,) * len(b.shape),
                         boxed, is_leaf=is_box)

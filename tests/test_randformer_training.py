@@ -1,0 +1,104 @@
+"""RandFormer's frozen mixing matrices (the model's constants) through the training job.
+
+The job `python -m mixer_jax.main` runs (`train.train_and_evaluate`) on the embedded digits
+with the family's tiny overrides: training, eval and checkpoints on an FSDP x model mesh,
+a bitwise-exact resume, fine-tuning from the run (orbax, restored into the shardings) and
+predict. The matrices must come out of all of it bit for bit as init drew them.
+"""
+import functools
+import shutil
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from mixer_jax import models, predict, steps, train, train_checkpoint
+from mixer_jax.models import metaformer
+
+from test_train import assert_trees_equal, flat, tiny_config
+
+NAME = "randformer_s12"
+
+
+def randformer_config(data_dir, **changes):
+    config = tiny_config(data_dir, model_name=NAME, total_steps=4, warmup_steps=1,
+                         progress_every=2, checkpoint_every=2, eval_every=4, batch=16,
+                         batch_eval=120, parallelism="fsdp", mesh_model=2, fsdp_min_size=1,
+                         weight_decay=0.5, **changes)
+    config.model.update(dict(models.get_family(NAME).tiny))
+    return config
+
+
+def frozen(variables) -> dict:
+    return flat(variables[metaformer.FROZEN])
+
+
+def init_matrices(config) -> dict:
+    """The matrices a fresh run of `config` draws (the training job's own init)."""
+    model = train.create_model(config, 10)
+    init = functools.partial(steps.init_state, model, optax.sgd(0.0),
+                             image_shape=(config.pp.crop, config.pp.crop, 3))
+    return frozen(jax.jit(init)(jax.random.key(config.seed)).constants)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_dir):
+    """A 4-step run (checkpoints at steps 2 and 4): (workdir, final metrics)."""
+    workdir = str(tmp_path_factory.mktemp("randformer"))
+    return workdir, train.train_and_evaluate(randformer_config(data_dir), workdir)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.mark.slow
+def test_trains_resumes_bitwise_and_never_moves_its_matrices(run, data_dir, tmp_path):
+    workdir, final = run
+    config = randformer_config(data_dir)
+    assert final["step"] == 4 and final["eval_count"] == 360 and np.isfinite(final["loss"])
+    saved = train_checkpoint.restore_variables(workdir)
+    start = init_matrices(config)
+    assert sorted(start) == ["stages_2_blocks_0/token_mixer/random_matrix",
+                             "stages_3_blocks_0/token_mixer/random_matrix"]
+    assert_trees_equal(frozen(saved), start)  # weight decay and 4 updates later
+    assert not np.array_equal(saved["params"]["stem_conv"]["kernel"],
+                              train_checkpoint.restore_variables(workdir, step=2)["params"][
+                                  "stem_conv"]["kernel"])  # the parameters did train
+
+    # Resume from the step-2 checkpoint: the same end, bit for bit.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(resumed / train_checkpoint.CHECKPOINT_DIR / "4")
+    again = train.train_and_evaluate(config, str(resumed))
+    assert again["loss"] == final["loss"] and again["eval_top1"] == final["eval_top1"]
+    resumed_vars = train_checkpoint.restore_variables(str(resumed))
+    assert_trees_equal(flat(resumed_vars["params"]), flat(saved["params"]))
+    assert_trees_equal(frozen(resumed_vars), start)
+
+    # predict reads them with the parameters: its logits are the model's.
+    loaded = predict.load_model(workdir)
+    assert_trees_equal(frozen(loaded.variables), start)
+    images = np.random.RandomState(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    expected = jax.nn.softmax(loaded.model.apply(saved, images))
+    np.testing.assert_allclose(predict.probabilities(loaded, images), expected, rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fine_tuning_keeps_the_files_matrices(run, data_dir, tmp_path):
+    """Another seed draws other matrices; fine-tuning from the run takes the run's, read
+    straight into their shardings (a mesh strategy and an orbax source)."""
+    workdir, _ = run
+    config = randformer_config(data_dir, pretrained=workdir, seed=7, reset_head=True)
+    assert not np.array_equal(*(m["stages_3_blocks_0/token_mixer/random_matrix"]
+                                for m in (init_matrices(config), frozen(
+                                    train_checkpoint.restore_variables(workdir)))))
+    with train_checkpoint.TrainCheckpointer(str(tmp_path)) as ckpt:
+        state = train.prepare(config, ckpt).state
+    saved = train_checkpoint.restore_variables(workdir)
+    assert_trees_equal(frozen(state.variables), frozen(saved))
+    np.testing.assert_array_equal(flat(state.params)["stages_2_blocks_0/fc1/kernel"],
+                                  flat(saved["params"])["stages_2_blocks_0/fc1/kernel"])
