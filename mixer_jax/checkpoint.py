@@ -469,8 +469,8 @@ def save_npz(params: Params, path: PathLike) -> str:
 
 
 # ------------------------------------------------------------------------ fine-tuning
-# Fine-tuning adaptation lives in `mixer_jax.finetune` (any registered family); these
-# names stay importable from here.
+# Fine-tuning adaptation lives in `mixer_jax.finetune` (any registered family); its names
+# stay importable from here (lazily, below).
 
 
 def _flat_source(source: PathLike | Params,
@@ -484,14 +484,12 @@ def _flat_source(source: PathLike | Params,
     return flatten_params(load_npz(path)), repr(path)
 
 
-from mixer_jax.finetune import (TOKEN_MIXING_METHODS, adapted_model_overrides,  # noqa: E402
-                                load_pretrained)
-
-
-# timm's formats live in `mixer_jax.timm_weights`, the official IdentityFormer/RandFormer
-# files in `mixer_jax.official_weights` (both use this module); re-exported lazily here so
-# that `checkpoint.load_timm` / `load_official` work without an import cycle.
-_LAZY_API = {"timm_weights": ("load_timm", "read_timm", "save_timm", "to_timm",
+# Fine-tuning (`mixer_jax.finetune`), timm's formats (`mixer_jax.timm_weights`) and the
+# official IdentityFormer/RandFormer files (`mixer_jax.official_weights`) all use this
+# module; their names are re-exported lazily here, so that `checkpoint.load_pretrained`,
+# `load_timm` / `load_official` work whichever module is imported first (no import cycle).
+_LAZY_API = {"finetune": ("TOKEN_MIXING_METHODS", "adapted_model_overrides", "load_pretrained"),
+             "timm_weights": ("load_timm", "read_timm", "save_timm", "to_timm",
                               "is_timm_source", "TimmWeights"),
              "official_weights": ("load_official", "read_official", "is_official_source")}
 

@@ -77,7 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model_name = "Mixer-B_16"
     c.model = ml_collections.ConfigDict(dict(
-        dropout=0.0, stoch_depth=0.0, dtype="float32", scan=False, remat=False,
+        dropout=0.0, stoch_depth=0.0, dtype="float32", remat=False,
+        # unset: the family's default (False); staged families have no scanned layout
+        scan=config_dict.placeholder(bool),
     ))
     # Architecture fields, unset (the variant's) unless given: present so that
     # `--config.model.hidden_dim=32` parses; `with_defaults` drops the unset ones.

@@ -22,10 +22,12 @@ NAME = "randformer_s12"
 
 
 def randformer_config(data_dir, **changes):
-    config = tiny_config(data_dir, model_name=NAME, total_steps=4, warmup_steps=1,
-                         progress_every=2, checkpoint_every=2, eval_every=4, batch=16,
-                         batch_eval=120, parallelism="fsdp", mesh_model=2, fsdp_min_size=1,
-                         weight_decay=0.5, **changes)
+    """4 steps of the tiny RandFormer on an FSDP x model mesh, weight decay on."""
+    config = tiny_config(data_dir, **{
+        "model_name": NAME, "total_steps": 4, "warmup_steps": 1, "progress_every": 2,
+        "checkpoint_every": 2, "eval_every": 4, "batch": 16, "batch_eval": 120,
+        "parallelism": "fsdp", "mesh_model": 2, "fsdp_min_size": 1, "weight_decay": 0.5,
+        **changes})
     config.model.update(dict(models.get_family(NAME).tiny))
     return config
 
@@ -89,16 +91,23 @@ def test_trains_resumes_bitwise_and_never_moves_its_matrices(run, data_dir, tmp_
 
 @pytest.mark.slow
 def test_fine_tuning_keeps_the_files_matrices(run, data_dir, tmp_path):
-    """Another seed draws other matrices; fine-tuning from the run takes the run's, read
-    straight into their shardings (a mesh strategy and an orbax source)."""
+    """Another seed draws other matrices; fine-tuning takes the file's: from the run's orbax
+    checkpoint on a mesh (read straight into the shardings), and from the same variables
+    in the official layout (a .pth, `config.pretrained`) on pmap (read on the host)."""
+    torch = pytest.importorskip("torch")
     workdir, _ = run
-    config = randformer_config(data_dir, pretrained=workdir, seed=7, reset_head=True)
-    assert not np.array_equal(*(m["stages_3_blocks_0/token_mixer/random_matrix"]
-                                for m in (init_matrices(config), frozen(
-                                    train_checkpoint.restore_variables(workdir)))))
-    with train_checkpoint.TrainCheckpointer(str(tmp_path)) as ckpt:
-        state = train.prepare(config, ckpt).state
     saved = train_checkpoint.restore_variables(workdir)
-    assert_trees_equal(frozen(state.variables), frozen(saved))
-    np.testing.assert_array_equal(flat(state.params)["stages_2_blocks_0/fc1/kernel"],
-                                  flat(saved["params"])["stages_2_blocks_0/fc1/kernel"])
+    official = tmp_path / "official.pth"
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in metaformer.to_official(saved).items()},
+               official)
+    fresh = init_matrices(randformer_config(data_dir, seed=7))
+    assert not np.array_equal(*(m["stages_3_blocks_0/token_mixer/random_matrix"]
+                                for m in (fresh, frozen(saved))))
+    for source, parallelism in ((workdir, "data"), (str(official), "pmap")):
+        config = randformer_config(data_dir, pretrained=source, seed=7,
+                                   parallelism=parallelism, mesh_model=1)
+        with train_checkpoint.TrainCheckpointer(str(tmp_path / parallelism)) as ckpt:
+            run_ = train.prepare(config, ckpt)
+        state = jax.device_get(run_.strategy.to_saveable(run_.state))
+        assert_trees_equal(frozen(state.variables), frozen(saved))
+        assert_trees_equal(flat(state.params), flat(saved["params"]))
