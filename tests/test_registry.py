@@ -5,7 +5,11 @@ so families registered later are picked up without editing this file. Per family
 work is done on a tiny model: the family's first variant with `Family.tiny` overrides
 (fewer blocks, narrower; `TINY` below for families whose file predates the field), at
 the smallest square image size the model takes. A family without tiny overrides runs
-its first variant as is, under the `slow` mark.
+its first variant as is, under the `slow` mark. Per family: init/apply and features,
+scanned == unrolled and the scanned layout through the per-block one (isotropic
+families), partition specs, bfloat16 compute and parameters, and one train step under
+FSDP and under pmap equal to one device (compiled programs and parameters are shared
+between the tests through `functools.cache`).
 """
 import functools
 import math

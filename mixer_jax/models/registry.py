@@ -93,7 +93,7 @@ class Family:
     flops: Callable[[nn.Module, tuple[int, int]], dict[str, int]] | None = None
     # Module-field overrides that make a fast test model of the family (fewer blocks,
     # narrower; the first variant's other fields kept): tests/test_registry.py runs every
-    # family's tiny model through init/apply, scan, sharding and an FSDP step.
+    # family's tiny model through init/apply, scan, sharding, bfloat16, FSDP and pmap steps.
     tiny: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # Isotropic families (a `scan` field): the names of their blocks per block (the
     # layout files hold) and stacked (scan=True). None: no scanned layout (staged families).
