@@ -313,7 +313,8 @@ def test_one_train_step_on_8_devices_equals_one_device(family_name, parallelism)
                  jax.device_get(strategy.to_saveable(got).params), expected.params)
 
 
-# bfloat16 keeps 8 significant bits (relative spacing 2**-8); a few tiny blocks compound it.
+# bfloat16 keeps 8 significant bits (relative spacing 2**-8); a few tiny blocks compound it
+# (measured: 0.004 gMLP to 0.03 ConvFormer, relative L2 error of the logits).
 BF16_RTOL = 0.05
 
 
