@@ -640,7 +640,6 @@ def load_pretrained(source: PathLike | Params | Source, init_params: Params, *,
         out[key] = np.asarray(jax.device_get(value)).astype(init.dtype, copy=False)
     variables = unflatten_variables(out, collections)
     init_tree = init_params[registry.PARAMS] if is_variables(init_params) else init_params
-    if models.SCANNED_BLOCKS in init_tree:
-        variables[registry.PARAMS] = jax.device_get(models.stack_blocks(
-            variables[registry.PARAMS]))
+    variables[registry.PARAMS] = jax.device_get(registry.stacked_like(
+        variables[registry.PARAMS], init_tree))
     return variables if is_variables(init_params) else variables[registry.PARAMS]
