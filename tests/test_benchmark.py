@@ -260,3 +260,13 @@ def test_compare_timm_runs_both_frameworks_alternately():
     assert len(row["mixer_jax_step_times_s"]) == len(row["timm_step_times_s"]) == 4
     assert row["ratio"] == pytest.approx(row["mixer_jax_images_per_s"] / row["timm_images_per_s"])
     assert not results["runs"]  # the comparison replaces the in-process run
+
+
+def test_staged_models_build_without_a_scanned_layout():
+    # Staged families (MetaFormer, Sequencer2D) have no `scan` field: the benchmark builds
+    # them unrolled (sharding mode's default scan falls back) and refuses an explicit --scan.
+    assert measure.scannable("gmlp_s16_224") and not measure.scannable("poolformer_s12")
+    model = measure.build_model("convformer_s18", dtype="bfloat16", scan=False, remat=True)
+    assert model.remat and model.dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="staged model and has no scanned layout"):
+        measure.build_model("poolformer_s12", dtype="float32", scan=True, remat=False)

@@ -87,7 +87,7 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_list("mesh", ["8"], "Device counts for --mode=sharding.", flag_values=fv)
     flags.DEFINE_integer("fsdp_min_size", parallel.DEFAULT_FSDP_MIN_SIZE, "FSDP keeps "
                          "arrays with fewer elements replicated.", flag_values=fv)
-    flags.DEFINE_bool("sharding_scan", True, "Scanned blocks in sharding mode (compiles "
+    flags.DEFINE_bool("sharding_scan", True, "Scanned blocks in sharding mode, for the isotropic families (compiles "
                       "fast for deep models; memory is the same).", flag_values=fv)
     flags.DEFINE_integer("pipeline_batches", 20, "Timed batches in pipeline mode.",
                          flag_values=fv)
@@ -152,7 +152,8 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
                 results["sharding"].append(sharding.sharding_memory(
                     variant, num_devices=n, batch_per_device=per_device_batch(n),
                     strategy=strategy, dtype=fv.dtype, image_size=image_size,
-                    optimizer=fv.optimizer, scan=fv.sharding_scan, remat=fv.remat,
+                    optimizer=fv.optimizer, remat=fv.remat,
+                    scan=fv.sharding_scan and measure.scannable(variant),
                     fsdp_min_size=fv.fsdp_min_size))
     return results
 

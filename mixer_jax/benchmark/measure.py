@@ -168,6 +168,19 @@ def synthetic_params(model: nn.Module, image_size: int) -> dict:
                                         for i, s in enumerate(leaves)])
 
 
+def scannable(variant: str) -> bool:
+    """Whether `variant`'s family has a scanned layout (the isotropic ones; not staged)."""
+    return "scan" in models.registry.model_fields(models.get_family(variant))
+
+
+def build_model(variant: str, *, dtype: str, scan: bool, remat: bool) -> nn.Module:
+    """`variant` in `dtype`, its blocks scanned and/or rematerialised as asked."""
+    if scan and not scannable(variant):
+        raise ValueError(f"{variant} is a staged model and has no scanned layout; drop --scan.")
+    return models.create_model(variant, dtype=DTYPES[dtype], remat=remat,
+                               **({"scan": True} if scan else {}))
+
+
 def benchmark_model(variant: str, *, mode: str, batch: int, dtype: str = "float32",
                     image_size: int = 224, steps: int = 10, scan: bool = False,
                     remat: bool = False, optimizer: str = "adam",
@@ -191,7 +204,7 @@ def benchmark_model(variant: str, *, mode: str, batch: int, dtype: str = "float3
         raise ValueError(f"statistic must be one of {STATISTICS}, not {statistic!r}.")
     if microbatch is not None and (microbatch < 1 or batch % microbatch):
         raise ValueError(f"--microbatch={microbatch} does not divide the batch of {batch}.")
-    model = models.create_model(variant, dtype=DTYPES[dtype], scan=scan, remat=remat)
+    model = build_model(variant, dtype=dtype, scan=scan, remat=remat)
     device = jax.devices()[0]
     images, labels = synthetic_batch(model, batch, image_size)
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mixer_jax import models, parallel
-from mixer_jax.benchmark.measure import DTYPES, compiled_memory, log, recipe_optimizer
+from mixer_jax.benchmark.measure import build_model, compiled_memory, log, recipe_optimizer
 
 STRATEGIES = ("data", "fsdp")
 
@@ -56,7 +56,7 @@ def sharding_memory(variant: str, *, num_devices: int, batch_per_device: int,
     running `steps.train_step`)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown strategy {strategy!r}; known: {STRATEGIES}.")
-    model = models.create_model(variant, dtype=DTYPES[dtype], scan=scan, remat=remat)
+    model = build_model(variant, dtype=dtype, scan=scan, remat=remat)
     runner = parallel.MeshStrategy(
         model, recipe_optimizer(optimizer), image_shape=(image_size, image_size, 3),
         mesh=mesh_of(num_devices), fsdp=strategy == "fsdp", fsdp_min_size=fsdp_min_size)

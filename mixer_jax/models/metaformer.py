@@ -121,20 +121,54 @@ class StarReLU(nn.Module):
         return scale * jnp.square(nn.relu(x)) + bias
 
 
-def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Depthwise conv, stride 1, 'same' zero padding; kernel [k, k, 1, C] (odd k).
-
-    On CPU a sum of k*k shifted, channel-scaled copies (one fused loop; XLA:CPU's grouped
-    convolution is about 2x slower here, see docs/families.md); elsewhere the grouped conv.
-    """
+def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The k*k shifted, channel-scaled copies of zero-padded `x`, summed (one fused loop)."""
     k, pad = kernel.shape[0], kernel.shape[0] // 2
-    if jax.default_backend() != "cpu":
-        return jax.lax.conv_general_dilated(
-            x, kernel, (1, 1), [(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=x.shape[-1])
     h, w = x.shape[1:3]
     padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     return sum(padded[:, i:i + h, j:j + w] * kernel[i, j, 0] for i in range(k) for j in range(k))
+
+
+@jax.custom_vjp
+def _depthwise_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return _shifted_sum(x, kernel)
+
+
+def _depthwise_cpu_fwd(x, kernel):
+    return _shifted_sum(x, kernel), (x, kernel)
+
+
+def _depthwise_cpu_bwd(residuals, g):
+    x, kernel = residuals
+    k, pad = kernel.shape[0], kernel.shape[0] // 2
+    h, w = x.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))).astype(jnp.float32)
+    g32 = g.astype(jnp.float32)
+    # The k*k kernel-gradient sums as one variadic reduce: one pass over x and g instead
+    # of k*k (autodiff's separate reductions are ~6x slower on XLA:CPU), then over width.
+    products = tuple(padded[:, i:i + h, j:j + w] * g32 for i in range(k) for j in range(k))
+    sums = jax.lax.reduce(products, (np.float32(0),) * len(products),
+                          lambda a, b: tuple(u + v for u, v in zip(a, b)), (0, 1))
+    dkernel = jnp.stack(sums).sum(axis=1).reshape(kernel.shape)
+    return _shifted_sum(g, kernel[::-1, ::-1]), dkernel.astype(kernel.dtype)
+
+
+_depthwise_cpu.defvjp(_depthwise_cpu_fwd, _depthwise_cpu_bwd)
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Depthwise conv, stride 1, 'same' zero padding; kernel [k, k, 1, C] (odd k).
+
+    On CPU a sum of k*k shifted, channel-scaled copies with a hand-written gradient
+    (XLA:CPU's grouped convolution is 2-4x slower here, see docs/families.md); elsewhere
+    the grouped conv, which maps to the vendor's depthwise kernels.
+    """
+    if jax.default_backend() == "cpu":
+        return _depthwise_cpu(x, kernel)
+    pad = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), [(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1])
 
 
 class DepthwiseConv(nn.Module):
