@@ -61,15 +61,16 @@ class CheckpointError(UserError, ValueError):
 
 
 def flatten_params(params: Params) -> dict[str, Any]:
-    """Nested parameters (per-block or scanned layout) -> flat `{"stem/kernel": array, ...}`.
+    """Nested parameters of any family (per-block or scanned layout) -> flat
+    `{"stem/kernel": array, ...}`.
 
-    The flat keys are those of the published files (per-block layout). A Flax
-    variables dict `{"params": ...}` is accepted too.
+    The flat keys are those files hold (per-block layout: scanned blocks unstacked,
+    `models.registry.per_block`). A Flax variables dict `{"params": ...}` is accepted too.
     """
     if set(params) == {"params"}:
         params = params["params"]
     params = nn.meta.unbox(dict(params))  # `model.init` boxes parameters with their axis names
-    return traverse_util.flatten_dict(models.unstack_blocks(params), sep=SEP)
+    return traverse_util.flatten_dict(models.registry.per_block(params), sep=SEP)
 
 
 def unflatten_params(flat: Mapping[str, Any]) -> dict:

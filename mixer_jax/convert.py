@@ -2,7 +2,7 @@
 
   # A published (or any save_npz) file -> an orbax checkpoint that a run on a pod
   # restores straight into its shardings (pass --scan for models trained with
-  # config.model.scan=True, whose blocks are stacked):
+  # config.model.scan=True, whose blocks are stacked; any isotropic family):
   python -m mixer_jax.convert npz-to-orbax --npz=gs://mixer_models/imagenet21k/Mixer-B_16.npz \\
       --out=gs://bucket/Mixer-B_16_orbax
   # then fine-tune with --config.pretrained_dir=gs://bucket --config.model_or_filename=Mixer-B_16_orbax
@@ -36,7 +36,8 @@ import jax
 from absl import app, flags, logging
 from etils import epath
 
-from mixer_jax import checkpoint, cli, models, resolution, timm_weights, train_checkpoint
+from mixer_jax import (checkpoint, cli, finetune, models, resolution, timm_weights,
+                       train_checkpoint)
 
 COMMANDS = ("npz-to-orbax", "orbax-to-npz", "timm-to-npz", "timm-to-orbax", "npz-to-timm",
             "orbax-to-timm")
@@ -50,8 +51,8 @@ flags.DEFINE_string("model", None, "The registered model name (e.g. gmixer_24_22
                     "weights' shapes do not say it.")
 flags.DEFINE_string("out", None, "Where to write: a directory (orbax) or an .npz file.")
 flags.DEFINE_integer("step", None, "orbax-to-*: the step to export (default: latest).")
-flags.DEFINE_bool("scan", False, "*-to-orbax (MLP-Mixer): write the stacked layout of scan=True "
-                  "models.")
+flags.DEFINE_bool("scan", False, "*-to-orbax: write the stacked layout of scan=True models "
+                  "(isotropic families: Mixer, gMixer, ResMLP, gMLP).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 FLAGS = flags.FLAGS
 
@@ -94,13 +95,18 @@ def npz_to_orbax(npz_path: str, out_dir: str, *, scan: bool = False,
     """Writes the parameters of `npz_path` as a params-only orbax checkpoint (step 0)."""
     params = checkpoint.load_npz(npz_path)
     arch = validate_params(params, repr(npz_path))
-    check_out(out_dir, overwrite)
     if scan:
-        params = jax.device_get(models.stack_blocks(params))
+        params = _scanned(params, finetune.identify(checkpoint.flatten_params(params))[0])
+    check_out(out_dir, overwrite)
     train_checkpoint.save_params(params, out_dir, meta={"source": str(npz_path), "scan": scan})
     logging.info("Wrote %s (%s, %s layout) to %s.", npz_path, arch.name,
                  "scanned" if scan else "per-block", out_dir)
     return out_dir
+
+
+def _scanned(params, family: models.Family) -> dict:
+    """Per-block `params` of `family` stacked as its scan=True models hold them (host arrays)."""
+    return jax.device_get(family.scanned(params))
 
 
 def orbax_to_npz(checkpoint_path: str, out_path: str, *, step: int | None = None,
@@ -132,8 +138,8 @@ def timm_to_orbax(source: str, out_dir: str, *, model: str | None = None,
     """Writes timm weights as a params-only orbax checkpoint (step 0); the meta records the
     model name, class count and preprocessing."""
     weights = timm_weights.read_timm(source, model)
+    params = _scanned(weights.params, models.get_family(weights.name)) if scan else weights.params
     check_out(out_dir, overwrite)
-    params = jax.device_get(models.stack_blocks(weights.params)) if scan else weights.params
     train_checkpoint.save_params(params, out_dir, meta={
         "source": str(source), "scan": scan, "model_name": weights.name,
         "num_classes": weights.num_classes,
@@ -142,13 +148,16 @@ def timm_to_orbax(source: str, out_dir: str, *, model: str | None = None,
     return out_dir
 
 
-def _save_timm(params, out_path: str, model: str | None, what: str) -> str:
+def _save_timm(params, out_path: str, model: str | None, what: str,
+               preprocessing: models.Preprocessing | None = None) -> str:
     name = model or timm_weights.model_name(params)
     if name is None:
         raise checkpoint.CheckpointError(f"{what} is not a registered model variant; pass "
                                          "--model=<name>.")
     name = models.get_family(name).timm_names.get(name, name)  # Mixer-B_16 -> mixer_b16_224
-    written = timm_weights.save_timm(params, name, out_path)
+    written = timm_weights.save_timm(
+        params, name, out_path, image_size=preprocessing and preprocessing.input_size,
+        preprocessing=preprocessing)
     logging.info("Wrote %s as %s to %s.", what, name, written)
     return written
 
@@ -160,9 +169,12 @@ def npz_to_timm(npz_path: str, out_path: str, *, model: str | None = None) -> st
 
 def orbax_to_timm(checkpoint_path: str, out_path: str, *, model: str | None = None,
                   step: int | None = None) -> str:
-    """Writes the parameters of an orbax checkpoint as `.safetensors` in timm's layout."""
+    """Writes the parameters of an orbax checkpoint as `.safetensors` in timm's layout, with
+    the image size and preprocessing stored with the checkpoint (a run's, or timm-to-orbax's)."""
     params = train_checkpoint.restore_params(checkpoint_path, step=step)
-    return _save_timm(params, out_path, model, checkpoint_path)
+    preprocessing = finetune.preprocessing_from_meta(
+        train_checkpoint.read_meta(checkpoint_path, step))
+    return _save_timm(params, out_path, model, checkpoint_path, preprocessing)
 
 
 def main(argv) -> None:

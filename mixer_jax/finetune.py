@@ -584,7 +584,4 @@ def load_pretrained(source: PathLike | Params | Source, init_params: Params, *,
     for key, init in model_flat.items():
         value = adapted.get(key, file_flat.get(key)) if take_from_file(key) else init
         out[key] = np.asarray(jax.device_get(value)).astype(init.dtype, copy=False)
-    params = unflatten_params(out)
-    if models.SCANNED_BLOCKS in init_params:
-        params = jax.device_get(models.stack_blocks(params))
-    return params
+    return jax.device_get(registry.stacked_like(unflatten_params(out), init_params))

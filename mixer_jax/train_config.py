@@ -173,9 +173,10 @@ def model_kwargs(config) -> dict:
 
 
 def _model_options(model_name: str) -> set[str] | None:
-    """The `config.model` options the model accepts (None: unknown model)."""
+    """The `config.model` options the model accepts (None: unknown model); `scan` for every
+    family (`create_model` takes scan=False from all, scan=True from isotropic ones)."""
     try:
-        return registry.model_fields(models.get_family(model_name)) - {"num_classes"}
+        return registry.model_fields(models.get_family(model_name)) - {"num_classes"} | {"scan"}
     except ValueError:
         return None
 
@@ -211,6 +212,9 @@ def validate(config, *, num_devices: int | None = None, process_count: int = 1) 
     if bad_model:
         problems.append(f"unknown model option(s) {bad_model} for {config.model_name}; "
                         f"known: {sorted(options)}")
+    family = models.get_family(config.model_name) if options is not None else None
+    unscannable = bool(model.get("scan")) and family is not None and family.block_layout is None
+    check(not unscannable, f"model.scan=True: {family and registry.ScanError(family)}")
     fields_ok = all(positive(f"model.{name}", model[name])
                     for name in models.MODEL_FIELDS if name in model)
     for name in ("dropout", "stoch_depth"):
@@ -219,7 +223,7 @@ def validate(config, *, num_devices: int | None = None, process_count: int = 1) 
               f"model.{name}={value!r} must be in [0, 1)")
     check(model.get("dtype", "float32") in DTYPES, f"model.dtype must be one of {DTYPES}")
     crop_ok = positive("pp.crop", config.pp.crop)
-    if known_model and not bad_model and fields_ok and crop_ok:
+    if known_model and not bad_model and not unscannable and fields_ok and crop_ok:
         problems += _image_size_problems(config)
     for key in ("mean", "std"):
         value = config.pp.get(key)

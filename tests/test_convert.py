@@ -7,7 +7,7 @@ import pytest
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mixer_jax import checkpoint, convert, models, steps, train_checkpoint
+from mixer_jax import checkpoint, convert, models, predict, steps, train_checkpoint
 
 
 def run_cli(*argv: str) -> None:
@@ -81,6 +81,38 @@ def test_orbax_to_npz_exports_any_step_of_a_training_run(tmp_path):
     assert_same(checkpoint.load_npz(str(tmp_path / "s.npz")), saved[1])
     with pytest.raises(FileNotFoundError, match=r"No checkpoint of step 3 .* \[1, 2\]"):
         convert.orbax_to_npz(str(tmp_path), str(tmp_path / "x.npz"), step=3)
+
+
+@pytest.mark.slow
+def test_timm_to_orbax_scan_then_predict_a_non_mixer_family(tmp_path):
+    """ResMLP (any isotropic family) through the scanned layout: its timm file, written from
+    a scanned model's parameters -> `timm-to-orbax --scan` (stacked, as a scan=True run
+    restores them) -> `predict` (the per-block model) gives the scanned model's
+    probabilities, and `orbax-to-timm` gives the parameters back exactly."""
+    name, size = "resmlp_12_224", 16  # patch 16: one token; 12 blocks
+    layout = models.get_family(name).block_layout
+    model = models.create_model(name, num_classes=10, scan=True)
+    params = jax.jit(lambda key: models.init_params(model, key, (size, size, 3)))(
+        jax.random.key(0))
+    rng = np.random.default_rng(0)  # away from init (layer scales 1e-4, a zero head)
+    params = jax.tree.map(lambda x: np.asarray(x + rng.normal(0, 0.05, x.shape), np.float32),
+                          params)
+    source = checkpoint.save_timm(params, name, tmp_path / "r.safetensors", image_size=size)
+    run_cli("timm-to-orbax", f"--timm={source}", f"--out={tmp_path / 'orbax'}", "--scan")
+    stored = train_checkpoint.restore_params(str(tmp_path / "orbax"))
+    assert layout.scanned in stored and f"{layout.prefix}0" not in stored
+    assert_same(stored, params)
+
+    loaded = predict.load_model(str(tmp_path / "orbax"))
+    assert loaded.image_size == size and not loaded.model.scan
+    images = rng.uniform(-1, 1, (3, size, size, 3)).astype(np.float32)
+    expected = jax.nn.softmax(jax.jit(model.apply)({"params": params}, images))
+    assert np.abs(expected - 0.1).max() > 0.05  # logits far enough apart to tell models apart
+    np.testing.assert_allclose(predict.probabilities(loaded, images), expected, rtol=1e-4,
+                               atol=1e-6)
+    run_cli("orbax-to-timm", f"--checkpoint={tmp_path / 'orbax'}",
+            f"--out={tmp_path / 'back.safetensors'}")
+    assert_same(checkpoint.load_timm(tmp_path / "back.safetensors"), params)
 
 
 def test_clear_errors_for_bad_usage_and_missing_checkpoints(tmp_path):

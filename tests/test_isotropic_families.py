@@ -11,7 +11,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from mixer_jax import models
 from mixer_jax.benchmark import flops as flops_lib
-from mixer_jax.models import gmlp, layers, resmlp
+from mixer_jax.models import gmlp, resmlp
 
 # `sum(p.numel() for p in timm.create_model(name).parameters())`, timm 1.0.31.
 TIMM_PARAM_COUNTS = {
@@ -26,15 +26,10 @@ TIMM_PARAM_COUNTS = {
 NAMES = sorted(TIMM_PARAM_COUNTS)
 # One small name per family runs in the quick subset; the others are marked slow.
 QUICK = {"resmlp_12_224", "gmlp_ti16_224"}
-MODULES = {"resmlp": resmlp, "gmlp": gmlp}
 
 
 def by_speed(names):
     return [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in names]
-
-
-def family_module(name):
-    return MODULES[models.get_family(name).name]
 
 
 def flat(tree):
@@ -117,8 +112,7 @@ def assert_parity(name, blocks, size, num_classes=7, scan=False, shrink=()):
     params = unflatten_dict(ours, sep="/")
     model = models.create_model(name, num_blocks=blocks, num_classes=num_classes, scan=scan)
     if scan:
-        module = family_module(name)
-        params = layers.stack_blocks(params, module.BLOCK_PREFIX, module.SCANNED_BLOCKS)
+        params = family.scanned(params)
     logits = jax.jit(model.apply)({"params": params}, jnp.asarray(images.permute(0, 2, 3, 1)))
     scale = np.abs(expected).max()
     assert np.abs(np.asarray(logits) - expected).max() / scale < 1e-4
@@ -206,8 +200,7 @@ def tiny(name, seed=0, **overrides):
         for k, v in flat(models.param_shapes(model.clone(scan=False), (16, 16, 3))).items()},
         sep="/")
     if model.scan:
-        module = family_module(name)
-        params = layers.stack_blocks(params, module.BLOCK_PREFIX, module.SCANNED_BLOCKS)
+        params = models.get_family(name).scanned(params)
     return model, params
 
 
@@ -218,12 +211,11 @@ def images(n=2, size=16, seed=1):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_scanned_equals_unrolled_and_intermediates_come_from_the_same_pass(name):
     model, params = tiny(name)
-    module = family_module(name)
     x = images()
     forward = jax.jit(lambda p, m: m.apply({"params": p}, x, return_intermediates=True),
                       static_argnums=1)
     logits, feats = forward(params, model)
-    stacked = layers.stack_blocks(params, module.BLOCK_PREFIX, module.SCANNED_BLOCKS)
+    stacked = models.get_family(name).scanned(params)
     scanned = forward(stacked, model.clone(scan=True))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  scanned, (logits, feats))
@@ -255,7 +247,7 @@ def test_scanned_equals_unrolled_and_intermediates_come_from_the_same_pass(name)
     pytest.param("gmlp_ti16_224", dict(scan=True, remat=True), marks=pytest.mark.slow)])
 def test_remat_matches_plain_logits_and_grads(name, kw):
     model, params = tiny(name)
-    module = family_module(name)
+    layout = models.get_family(name).block_layout
     x = images()
 
     def loss(p, m):
@@ -263,10 +255,9 @@ def test_remat_matches_plain_logits_and_grads(name, kw):
 
     value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
     ref_loss, ref_grads = value_and_grad(params, model)
-    p = (layers.stack_blocks(params, module.BLOCK_PREFIX, module.SCANNED_BLOCKS)
-         if kw.get("scan") else params)
+    p = layout.stack(params) if kw.get("scan") else params
     val, grads = value_and_grad(p, model.clone(**kw))
-    grads = layers.unstack_blocks(grads, module.BLOCK_PREFIX, module.SCANNED_BLOCKS)
+    grads = layout.unstack(grads)
     np.testing.assert_allclose(val, ref_loss, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  grads, ref_grads)
@@ -320,9 +311,9 @@ def test_parameters_declare_logical_axes(name, scan):
     axes = flat(models.param_axes(model, (16, 16, 3)))
     shapes = flat(models.param_shapes(model, (16, 16, 3)))
     assert all(len(axes[k]) == len(v.shape) and None not in axes[k] for k, v in shapes.items())
-    module = family_module(name)
-    block, lead = ((f"{module.SCANNED_BLOCKS}/block/", ("layers",)) if scan
-                   else (f"{module.BLOCK_PREFIX}0/", ()))
+    layout = models.get_family(name).block_layout
+    block, lead = ((f"{layout.scanned}/block/", ("layers",)) if scan
+                   else (f"{layout.prefix}0/", ()))
     token = "linear_tokens" if name.startswith("resmlp") else "mlp_channels/gate/proj"
     assert axes[f"{block}{token}/kernel"] == lead + ("tokens", "tokens")
     assert axes[f"{block}{token}/bias"] == lead + ("tokens",)

@@ -170,15 +170,13 @@ def synthetic_params(model: nn.Module, image_size: int) -> dict:
 
 def scannable(variant: str) -> bool:
     """Whether `variant`'s family has a scanned layout (the isotropic ones; not staged)."""
-    return "scan" in models.registry.model_fields(models.get_family(variant))
+    return models.get_family(variant).block_layout is not None
 
 
 def build_model(variant: str, *, dtype: str, scan: bool, remat: bool) -> nn.Module:
-    """`variant` in `dtype`, its blocks scanned and/or rematerialised as asked."""
-    if scan and not scannable(variant):
-        raise ValueError(f"{variant} is a staged model and has no scanned layout; drop --scan.")
-    return models.create_model(variant, dtype=DTYPES[dtype], remat=remat,
-                               **({"scan": True} if scan else {}))
+    """`variant` in `dtype`, its blocks scanned and/or rematerialised as asked (a staged
+    model with scan=True: `registry.ScanError`, a ValueError naming the family)."""
+    return models.create_model(variant, dtype=DTYPES[dtype], scan=scan, remat=remat)
 
 
 def benchmark_model(variant: str, *, mode: str, batch: int, dtype: str = "float32",

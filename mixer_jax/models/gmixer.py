@@ -59,6 +59,7 @@ def to_timm(flat) -> dict:
 
 
 FAMILY = registry.register(registry.Family(
-    name="gmixer", module=mixer.MlpMixer, variants=VARIANTS, architecture=architecture,
-    from_timm=from_timm, to_timm=to_timm, preprocessing=registry.IMAGENET, flops=mixer.flops,
+    name="gmixer", module=mixer.MlpMixer, block_layout=mixer.BLOCKS, variants=VARIANTS,
+    architecture=architecture, from_timm=from_timm, to_timm=to_timm,
+    preprocessing=registry.IMAGENET, flops=mixer.flops,
 ))

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mixer_jax.models import registry
-from mixer_jax.models.layers import (TIMM_NORM, Mlp, TimmKeyMap, TokenLinear,
+from mixer_jax.models.layers import (TIMM_NORM, BlockLayout, Mlp, TimmKeyMap, TokenLinear,
                                      isotropic_architecture, isotropic_forward, layer_norm,
                                      patch_grid, residual, timm_pairs)
 
@@ -33,6 +33,7 @@ Dtype = Any
 
 BLOCK_PREFIX = "SpatialGatingBlock_"
 SCANNED_BLOCKS = "SpatialGatingBlocks"
+BLOCKS = BlockLayout(BLOCK_PREFIX, SCANNED_BLOCKS)  # per-block and scanned names
 
 MODEL_FIELDS = ("patch_size", "num_blocks", "hidden_dim", "mlp_dim")
 VARIANTS = {
@@ -108,7 +109,7 @@ class GMLP(nn.Module):
         return isotropic_forward(self, images, SpatialGatingBlock, block,
                                  layer_norm(name="norm", **kw), train=train,
                                  return_intermediates=return_intermediates,
-                                 prefix=BLOCK_PREFIX, scanned=SCANNED_BLOCKS)
+                                 layout=BLOCKS)
 
 
 def architecture(flat) -> dict:
@@ -142,8 +143,8 @@ def flops(model: GMLP, image_size: tuple[int, int]) -> dict[str, int]:
 
 
 FAMILY = registry.register(registry.Family(
-    name="gmlp", module=GMLP, variants=VARIANTS, architecture=architecture,
-    from_timm=KEYS.from_timm, to_timm=KEYS.to_timm, preprocessing=registry.INCEPTION,
-    flops=flops,
+    name="gmlp", module=GMLP, block_layout=BLOCKS, variants=VARIANTS,
+    architecture=architecture, from_timm=KEYS.from_timm, to_timm=KEYS.to_timm,
+    preprocessing=registry.INCEPTION, flops=flops,
     tiny=dict(patch_size=4, num_blocks=2, hidden_dim=64, mlp_dim=256),  # learns the 16x16 digits (>= 98%)
 ))

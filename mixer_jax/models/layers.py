@@ -146,12 +146,48 @@ class _ScanBody(nn.Module):
         return x, x
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockLayout:
+    """Where an isotropic family keeps its blocks' parameters.
+
+    Per block (the layout files hold): block i under f"{prefix}{i}". Scanned
+    (`scan=True` models): all blocks stacked under f"{scanned}/block", leading "layers" axis.
+    `stack`/`unstack` convert nested parameters (numpy or jax arrays); a tree already in
+    the target layout, or without these blocks, comes back unchanged.
+    """
+
+    prefix: str   # "MixerBlock_"
+    scanned: str  # "MixerBlocks"
+
+    def stack(self, params: Mapping[str, Any]) -> dict:
+        """Per-block layout -> the scanned layout."""
+        prefix = self.prefix
+        names = sorted((k for k in params if k.startswith(prefix) and k[len(prefix):].isdigit()),
+                       key=lambda k: int(k[len(prefix):]))
+        if not names:
+            return dict(params)
+        out = {k: v for k, v in params.items() if k not in names}
+        out[self.scanned] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs),
+                                                   *[params[k] for k in names])}
+        return out
+
+    def unstack(self, params: Mapping[str, Any]) -> dict:
+        """The scanned layout -> per-block layout."""
+        if self.scanned not in params:
+            return dict(params)
+        stacked = params[self.scanned]["block"]
+        out = {k: v for k, v in params.items() if k != self.scanned}
+        for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+            out[f"{self.prefix}{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+        return out
+
+
 def isotropic_blocks(block_cls, block: dict[str, Any], x, drop_rates, *, train: bool,
-                     scan: bool, remat: bool, prefix: str, scanned: str):
+                     scan: bool, remat: bool, layout: BlockLayout):
     """Applies `len(drop_rates)` blocks `block_cls(**block)(x, drop_rate, train)` in turn.
 
-    Unrolled, block i is named f"{prefix}{i}"; with `scan`, the blocks are stacked
-    under `scanned/block` (leading "layers" axis). `remat` checkpoints each block.
+    Named as `layout` says: unrolled, block i is f"{layout.prefix}{i}"; with `scan`, the
+    blocks are stacked under `layout.scanned/block`. `remat` checkpoints each block.
     Call from a compact method. Returns (tokens, {"block_{i}": tokens after block i}).
     """
     num_blocks = len(drop_rates)
@@ -161,36 +197,14 @@ def isotropic_blocks(block_cls, block: dict[str, Any], x, drop_rates, *, train: 
             body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
             length=num_blocks, metadata_params={nn.PARTITION_NAME: "layers"},
         )(block_cls=block_cls, block=block, train=train, stochastic=bool(np.any(drop_rates > 0)),
-          name=scanned)(x, jnp.asarray(drop_rates))
+          name=layout.scanned)(x, jnp.asarray(drop_rates))
         return x, {f"block_{i}": per_block[i] for i in range(num_blocks)}
     cls = nn.remat(block_cls, static_argnums=(2, 3)) if remat else block_cls
     feats = {}
     for i in range(num_blocks):
-        x = cls(**block, name=f"{prefix}{i}")(x, float(drop_rates[i]), train)
+        x = cls(**block, name=f"{layout.prefix}{i}")(x, float(drop_rates[i]), train)
         feats[f"block_{i}"] = x
     return x, feats
-
-
-def stack_blocks(params: dict, prefix: str, scanned: str) -> dict:
-    """Per-block layout (f"{prefix}{i}") -> the scanned layout (`scanned/block`)."""
-    names = sorted((k for k in params if k.startswith(prefix) and k[len(prefix):].isdigit()),
-                   key=lambda k: int(k[len(prefix):]))
-    if not names:
-        return dict(params)
-    out = {k: v for k, v in params.items() if k not in names}
-    out[scanned] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *[params[k] for k in names])}
-    return out
-
-
-def unstack_blocks(params: dict, prefix: str, scanned: str) -> dict:
-    """The scanned layout (`scanned/block`) -> per-block layout (f"{prefix}{i}")."""
-    if scanned not in params:
-        return dict(params)
-    stacked = params[scanned]["block"]
-    out = {k: v for k, v in params.items() if k != scanned}
-    for i in range(jax.tree.leaves(stacked)[0].shape[0]):
-        out[f"{prefix}{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
-    return out
 
 
 # timm's tensor layouts -> (ours from timm's, timm's from ours) on numpy arrays. They
@@ -313,7 +327,7 @@ def isotropic_architecture(flat: Mapping[str, Any], family: str, prefix: str, to
 
 def isotropic_forward(model: nn.Module, images, block_cls, block: dict[str, Any],
                       norm: nn.Module, *, train: bool, return_intermediates: bool,
-                      prefix: str, scanned: str, drop_rates: np.ndarray | None = None):
+                      layout: BlockLayout, drop_rates: np.ndarray | None = None):
     """The forward pass of a family built like timm's `MlpMixer`, from `model`'s fields.
 
     patch stem -> `num_blocks` x `block_cls(**block)` -> `norm` -> mean over tokens ->
@@ -327,7 +341,7 @@ def isotropic_forward(model: nn.Module, images, block_cls, block: dict[str, Any]
     if drop_rates is None:
         drop_rates = np.full((model.num_blocks,), model.stoch_depth, np.float32)
     x, per_block = isotropic_blocks(block_cls, block, x, drop_rates, train=train, scan=model.scan,
-                                    remat=model.remat, prefix=prefix, scanned=scanned)
+                                    remat=model.remat, layout=layout)
     feats.update(per_block)
     x = jnp.mean(norm(x), axis=1)
     feats["pre_logits"] = x

@@ -60,6 +60,7 @@ FAMILY_VARIANTS = {**VARIANTS, **{timm: {**VARIANTS[google], **_TIMM_OPTIONS}
 
 BLOCK_PREFIX = "MixerBlock_"
 SCANNED_BLOCKS = "MixerBlocks"
+BLOCKS = layers.BlockLayout(BLOCK_PREFIX, SCANNED_BLOCKS)  # per-block and scanned names
 
 
 class MlpBlock(nn.Module):
@@ -159,18 +160,21 @@ class MlpMixer(nn.Module):
         return isotropic_forward(self, inputs, MixerBlock, block,
                                  layer_norm(name="pre_head_layer_norm", **kw), train=train,
                                  return_intermediates=return_intermediates,
-                                 prefix=BLOCK_PREFIX, scanned=SCANNED_BLOCKS,
+                                 layout=BLOCKS,
                                  drop_rates=self.drop_rates())
 
 
 def stack_blocks(params: dict) -> dict:
-    """Per-block layout (`MixerBlock_{i}`) -> scanned layout (`MixerBlocks/block`)."""
-    return layers.stack_blocks(params, BLOCK_PREFIX, SCANNED_BLOCKS)
+    """Per-block layout (`MixerBlock_{i}`) -> scanned layout (`MixerBlocks/block`).
+
+    (MLP-Mixer's and gMixer's; any family's: `Family.block_layout`, `registry.stacked_like`.)
+    """
+    return BLOCKS.stack(params)
 
 
 def unstack_blocks(params: dict) -> dict:
     """Scanned layout (`MixerBlocks/block`) -> per-block layout (`MixerBlock_{i}`)."""
-    return layers.unstack_blocks(params, BLOCK_PREFIX, SCANNED_BLOCKS)
+    return BLOCKS.unstack(params)
 
 
 def architecture(flat) -> dict:
@@ -224,7 +228,7 @@ def flops(model: MlpMixer, image_size: tuple[int, int]) -> dict[str, int]:
 
 
 FAMILY = registry.register(registry.Family(
-    name="mixer", module=MlpMixer, variants=FAMILY_VARIANTS, architecture=architecture,
-    from_timm=KEYS.from_timm, to_timm=KEYS.to_timm, timm_names=TIMM_NAMES,
-    preprocessing=registry.INCEPTION, flops=flops,
+    name="mixer", module=MlpMixer, block_layout=BLOCKS, variants=FAMILY_VARIANTS,
+    architecture=architecture, from_timm=KEYS.from_timm, to_timm=KEYS.to_timm,
+    timm_names=TIMM_NAMES, preprocessing=registry.INCEPTION, flops=flops,
 ))

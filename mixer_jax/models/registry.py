@@ -9,6 +9,8 @@ library asks the registry, never a family's key names:
 - the architecture of a parameter tree: `Family.architecture(flat)`;
 - timm's state dict: `Family.from_timm` / `Family.to_timm` (key names and layouts);
 - the classifier (reset on a new class count): `Family.classifier`;
+- the per-block and scanned layouts of isotropic families (`Family.block_layout`):
+  `per_block(params)` / `stacked_like(params, like)` convert any family's tree;
 - how each parameter is sharded, and which of its axes are token axes: logical
   axis names declared on the parameters themselves (`AXES` below).
 
@@ -19,7 +21,8 @@ Conventions every family's module follows (one model API):
   `(output, {name: array})` from the same forward pass ('stem', 'block_{i}' or
   'stage_{i}' (NHWC feature maps), 'pre_logits').
 - fields `num_classes`, `dropout`, `stoch_depth` (each family's documented rule),
-  `dtype`, `param_dtype`, `remat` (per block); isotropic families also `scan`.
+  `dtype`, `param_dtype`, `remat` (per block); isotropic families also `scan`, and
+  their `Family.block_layout` says where the blocks live in either layout.
 - parameters are created through `nn.with_logical_partitioning` with names from `AXES`.
 """
 from __future__ import annotations
@@ -35,6 +38,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mixer_jax.errors import UserError
+from mixer_jax.models.layers import BlockLayout
 
 # The logical axis names a parameter may carry (see parallel.py for the mesh rules).
 AXES = (
@@ -87,8 +93,26 @@ class Family:
     flops: Callable[[nn.Module, tuple[int, int]], dict[str, int]] | None = None
     # Module-field overrides that make a fast test model of the family (fewer blocks,
     # narrower; the first variant's other fields kept): tests/test_registry.py runs every
-    # family's tiny model through init/apply, scan, sharding and an FSDP step.
+    # family's tiny model through init/apply, scan, sharding, bfloat16, FSDP and pmap steps.
     tiny: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # Isotropic families (a `scan` field): the names of their blocks per block (the
+    # layout files hold) and stacked (scan=True). None: no scanned layout (staged families).
+    block_layout: BlockLayout | None = None
+
+    def scanned(self, params: Mapping[str, Any]) -> dict:
+        """Per-block nested `params` of this family in the layout of its `scan=True` models."""
+        if self.block_layout is None:
+            raise ScanError(self)
+        return self.block_layout.stack(params)
+
+
+class ScanError(UserError, ValueError):
+    """A scanned layout (scan=True) asked of a family that has none."""
+
+    def __init__(self, family: Family):
+        super().__init__(f"{family.name} has no scanned layout (only isotropic families stack "
+                         "their blocks for nn.scan); use it without scan "
+                         "(config.model.scan=False, convert without --scan).")
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -100,9 +124,36 @@ def register(family: Family) -> Family:
     taken = [n for n in family.variants if n in _BY_MODEL and _BY_MODEL[n].name != family.name]
     if taken:
         raise ValueError(f"Model name(s) {taken} are already registered by another family.")
+    if ("scan" in model_fields(family)) != (family.block_layout is not None):
+        raise ValueError(f"Family {family.name}: a module with a `scan` field needs a "
+                         "`block_layout` (where its blocks live, per block and scanned), "
+                         "and only such a module has one.")
     _FAMILIES[family.name] = family
     _BY_MODEL.update({name: family for name in family.variants})
     return family
+
+
+def _block_layouts() -> list[BlockLayout]:
+    return list(dict.fromkeys(f.block_layout for f in _FAMILIES.values() if f.block_layout))
+
+
+def per_block(params: Mapping[str, Any]) -> dict:
+    """Nested parameters of any family, every scanned block stack unstacked (the layout
+    files hold); a per-block tree comes back as it is."""
+    params = dict(params)
+    for layout in _block_layouts():
+        params = layout.unstack(params)
+    return params
+
+
+def stacked_like(params: Mapping[str, Any], like: Mapping[str, Any]) -> dict:
+    """Per-block nested `params` in the layout of `like` (a model's parameters or their
+    shapes): stacked where `like` holds scanned blocks, else as they are."""
+    params = dict(params)
+    for layout in _block_layouts():
+        if layout.scanned in like:
+            params = layout.stack(params)
+    return params
 
 
 def canonical_name(name: str) -> str:
@@ -148,10 +199,15 @@ def family_of(model: nn.Module) -> Family:
 def create_model(name: str, **overrides) -> nn.Module:
     """Builds a registered model by name, with any module field overridden.
 
-    `num_classes=None` (or 0, timm's convention) gives pooled features.
+    `num_classes=None` (or 0, timm's convention) gives pooled features. `scan=False` is
+    accepted by every family (those without a scanned layout are always unrolled);
+    `scan=True` by isotropic families only (`ScanError` otherwise).
     """
     family = get_family(name)
     known = model_fields(family)
+    if "scan" not in known and "scan" in overrides:  # a staged family: always unrolled
+        if overrides.pop("scan"):
+            raise ScanError(family)
     unknown = set(overrides) - known
     if unknown:
         raise TypeError(f"Unknown {family.module.__name__} option(s) {sorted(unknown)}; "

@@ -24,13 +24,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mixer_jax.models import registry
-from mixer_jax.models.layers import (Mlp, TimmKeyMap, TokenLinear, isotropic_architecture,
-                                     isotropic_forward, patch_grid, residual, timm_pairs)
+from mixer_jax.models.layers import (BlockLayout, Mlp, TimmKeyMap, TokenLinear,
+                                     isotropic_architecture, isotropic_forward, patch_grid,
+                                     residual, timm_pairs)
 
 Dtype = Any
 
 BLOCK_PREFIX = "ResBlock_"
 SCANNED_BLOCKS = "ResBlocks"
+BLOCKS = BlockLayout(BLOCK_PREFIX, SCANNED_BLOCKS)  # per-block and scanned names
 
 MODEL_FIELDS = ("patch_size", "num_blocks", "hidden_dim", "mlp_dim", "layer_scale_init")
 VARIANTS = {
@@ -113,7 +115,7 @@ class ResMLP(nn.Module):
                      dropout=self.dropout, **kw)
         return isotropic_forward(self, images, ResBlock, block, Affine(name="norm", **kw),
                                  train=train, return_intermediates=return_intermediates,
-                                 prefix=BLOCK_PREFIX, scanned=SCANNED_BLOCKS)
+                                 layout=BLOCKS)
 
 
 def architecture(flat) -> dict:
@@ -153,8 +155,8 @@ def flops(model: ResMLP, image_size: tuple[int, int]) -> dict[str, int]:
 
 
 FAMILY = registry.register(registry.Family(
-    name="resmlp", module=ResMLP, variants=VARIANTS, architecture=architecture,
-    from_timm=KEYS.from_timm, to_timm=KEYS.to_timm, preprocessing=registry.IMAGENET,
-    flops=flops,
+    name="resmlp", module=ResMLP, block_layout=BLOCKS, variants=VARIANTS,
+    architecture=architecture, from_timm=KEYS.from_timm, to_timm=KEYS.to_timm,
+    preprocessing=registry.IMAGENET, flops=flops,
     tiny=dict(patch_size=4, num_blocks=4, hidden_dim=64, mlp_dim=256),  # learns the 16x16 digits (>= 98%)
 ))
