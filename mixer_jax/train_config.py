@@ -21,8 +21,8 @@ Mixed-sample augmentation (read by `mix.MixConfig`, applied in the training step
   resizemix_scale, saliencymix_alpha, maskmix_alpha, maskmix_cell, prob, switch_prob, mode,
   label_smoothing, correct_lam (timm's names and meanings where timm has them; all off).
 Model: model_name (any `models.list_models()` name) and model.* (overrides of that family's
-  module fields: dropout, stoch_depth, dtype, remat, scan (isotropic families only), and
-  architecture fields for tiny custom models).
+  module fields: dropout, stoch_depth, dtype, scan, remat, and architecture fields for tiny
+  custom models).
 Fine-tuning: pretrained (any source `finetune.read_source` takes: an `.npz`, an orbax
   checkpoint, timm weights), or pretrained_dir + model_or_filename -> a published `.npz` or an
   orbax checkpoint (a workdir or checkpoint directory of an earlier run); reset_head (None: when
@@ -77,9 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model_name = "Mixer-B_16"
     c.model = ml_collections.ConfigDict(dict(
-        dropout=0.0, stoch_depth=0.0, dtype="float32", remat=False,
-        # unset: unrolled; only isotropic families have the field (staged ones refuse it)
-        scan=config_dict.placeholder(bool),
+        dropout=0.0, stoch_depth=0.0, dtype="float32", scan=False, remat=False,
     ))
     # Architecture fields, unset (the variant's) unless given: present so that
     # `--config.model.hidden_dim=32` parses; `with_defaults` drops the unset ones.

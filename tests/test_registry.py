@@ -385,11 +385,3 @@ def test_config_validation_asks_the_registry():
     config.pp.crop, config.pp.std = 18, (0.5, 0.5, 0.0)
     with pytest.raises(ConfigError, match=r"pp.crop=18 does not fit Mixer-Ti_4.*\n.*pp.std must"):
         train_config.validate(config)
-    # The base config suits staged families, which have no `scan` field (unset by default).
-    config.pp.std = None
-    config.model_name, config.pp.crop = "poolformer_s12", 16
-    config.model.update(tiny_overrides(models.get_family("poolformer_s12")))
-    train_config.validate(config)
-    config.model.scan = True
-    with pytest.raises(ConfigError, match=r"unknown model option\(s\) \['scan'\] for poolformer"):
-        train_config.validate(config)
