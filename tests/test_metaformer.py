@@ -377,7 +377,7 @@ def test_official_layout_parity_both_directions(name):
 
 def _official_reference(name, depths, size):
     fields = mf.VARIANTS[name]
-    side = mf.feature_sizes((7, 4, 2), 4, size)
+    side = mf.feature_sizes((7, 4, 2), fields["dims"], size)
     # The official RandFormer fixes 196 and 49 tokens (224x224); here the stage sizes of `size`.
     mixers = tuple(m if m != "random" else f"random{i}"
                    for i, m in enumerate(fields["token_mixers"]))
@@ -453,13 +453,22 @@ def test_input_sizes():
         jax.eval_shape(rand.apply, rand_vars, jnp.zeros((1, 72, 72, 3)))
 
 
-def test_flops_match_xla():
-    """Analytic FLOPs within 2% of XLA's count (CAFormer: convs, SepConv, attention, MLP head)."""
-    model = models.create_model("caformer_s18", depths=(1, 1, 2, 1))
-    variables = _abstract_small(model, 224)
-    lowered = jax.jit(model.apply).lower(variables, jax.ShapeDtypeStruct((1, 224, 224, 3),
-                                                                         jnp.float32))
-    terms = models.get_family("caformer_s18").flops(model, (224, 224))
+@pytest.mark.parametrize("overrides,size", [
+    (dict(depths=(1, 1, 2, 1)), 224),
+    # Neighbouring stages of one width: timm does not downsample between them.
+    (dict(depths=(1, 1, 1, 1), dims=(64, 64, 320, 320)), 64)], ids=["s18", "repeated_widths"])
+def test_flops_match_xla(overrides, size):
+    """Analytic FLOPs within 2% of XLA's count (CAFormer: convs, SepConv, attention, MLP
+    head), and the stage sizes they assume are the model's."""
+    model = models.create_model("caformer_s18", **overrides)
+    variables = _abstract_small(model, size)
+    image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    lowered = jax.jit(model.apply).lower(variables, image)
+    _, feats = jax.eval_shape(
+        functools.partial(model.apply, return_intermediates=True), variables, image)
+    assert [feats[f"stage_{i}"].shape[1] for i in range(4)] == mf.feature_sizes(
+        model.stem, model.dims, size)
+    terms = models.get_family("caformer_s18").flops(model, (size, size))
     assert set(terms) == {"stem", "downsample", "token_mixer", "mlp", "head"}
     assert sum(terms.values()) == pytest.approx(lowered.cost_analysis()["flops"], rel=0.02)
 

@@ -39,11 +39,13 @@ def tiny_overrides(family) -> dict:
     return dict(family.tiny) or TINY.get(family.name, {})
 
 
-def family_params():
-    """One pytest param per registered family (slow when it has no tiny overrides)."""
+def family_params(slow=()):
+    """One pytest param per registered family (slow when it has no tiny overrides, or is
+    named in `slow`)."""
     out = []
     for name in models.list_families():
-        marks = () if tiny_overrides(models.get_family(name)) else (pytest.mark.slow,)
+        quick = tiny_overrides(models.get_family(name)) and name not in slow
+        marks = () if quick else (pytest.mark.slow,)
         out.append(pytest.param(name, marks=marks, id=name))
     return out
 
@@ -102,7 +104,9 @@ def test_every_name_builds_abstractly(name):
     assert name in models.list_models(f"{name[:3]}*")
 
 
-@pytest.mark.parametrize("family_name", family_params())
+# Sequencer's LSTM scans take seconds to compile: here slow only (quick in its own file:
+# the LSTM against torch, the stage shapes; its full forward pass: slow parity tests).
+@pytest.mark.parametrize("family_name", family_params(slow=("sequencer",)))
 def test_init_apply_and_features(family_name):
     model, size = tiny(family_name)
     images = jax.random.uniform(jax.random.key(1), (2, size, size, 3), minval=-1, maxval=1)
