@@ -20,7 +20,7 @@ How it runs (measured in docs/families.md, "Sequencer2D"): the input projections
 time steps, both directions, rows and columns, are one matmul hoisted out of the
 recurrence; the recurrence then runs every direction in one scan (rows and columns
 together when the map is square, else one scan each), their recurrent matmuls as one
-block-diagonal matmul per step.
+matmul batched over the directions per step.
 
 Regularisation (both identity at eval):
 - `dropout`: timm's `proj_drop_rate`, after the GELU and after the second Linear of every
@@ -77,17 +77,15 @@ _DIRECTIONS = ("l0", "l0_reverse")  # torch's suffixes of a one-layer bidirectio
 def _lstm_cell(carry, gates_x, w_hh):
     """One step of D independent LSTMs: torch's gates (i, f, g, o) and cell update.
 
-    carry: h [N, D*H] (compute dtype), c [N, D, H] (float32, so a long sequence in bf16
-    does not drift); gates_x [N, D, 4H] = x_t W_ih + b_ih + b_hh; w_hh [D*H, D*4H], the D
-    recurrent kernels on the diagonal (one plain matmul: see `lstm_scan`).
+    carry: h [N, D, H] (compute dtype), c [N, D, H] (float32, so a long sequence in bf16
+    does not drift); gates_x [N, D, 4H] = x_t W_ih + b_ih + b_hh; w_hh [D, H, 4H].
     """
     h, c = carry
-    n, d, _ = gates_x.shape
-    gates = (gates_x + (h @ w_hh).reshape(n, d, -1)).astype(jnp.float32)
+    gates = (gates_x + jnp.einsum("ndh,dhk->ndk", h, w_hh)).astype(jnp.float32)
     i, f, g, o = jnp.split(gates, 4, axis=-1)
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
     h = (jax.nn.sigmoid(o) * jnp.tanh(c)).astype(h.dtype)
-    return (h.reshape(n, -1), c), h
+    return (h, c), h
 
 
 def lstm_scan(gates_x: jax.Array, w_hh: jax.Array, *, unroll: int | bool = 1) -> jax.Array:
@@ -97,18 +95,15 @@ def lstm_scan(gates_x: jax.Array, w_hh: jax.Array, *, unroll: int | bool = 1) ->
     order, directions alternating forward, reverse as a bidirectional torch LSTM's);
     w_hh: [D, H, 4H]. Returns the hidden states [T, N, D, H], in input order.
 
-    The D recurrent matmuls run as one [N, D*H] x [D*H, D*4H] matmul with the kernels on
-    the block diagonal: (D-1)/D of its multiply-adds are by zeros, yet on XLA:CPU it was
-    2-3x faster than a batched matmul over D or D separate matmuls (docs/families.md).
+    The D recurrent matmuls of a step are one matmul batched over D (docs/families.md
+    compares it with a block-diagonal matmul and with D separate ones).
     """
     _, n, d, _ = gates_x.shape
     hidden = w_hh.shape[1]
-    w_block = jnp.einsum("de,dhk->dhek", jnp.eye(d, dtype=w_hh.dtype), w_hh)
-    w_block = w_block.reshape(d * hidden, -1)
     reverse = (jnp.arange(d) % 2 == 1)[None, None, :, None]
     flip = lambda t: jnp.where(reverse, t[::-1], t)
-    carry = (jnp.zeros((n, d * hidden), gates_x.dtype), jnp.zeros((n, d, hidden), jnp.float32))
-    step = lambda carry, g: _lstm_cell(carry, g, w_block)
+    carry = (jnp.zeros((n, d, hidden), gates_x.dtype), jnp.zeros((n, d, hidden), jnp.float32))
+    step = lambda carry, g: _lstm_cell(carry, g, w_hh)
     return flip(jax.lax.scan(step, carry, flip(gates_x), unroll=unroll)[1])
 
 
@@ -412,9 +407,7 @@ def flops(model: Sequencer2d, image_size: tuple[int, int]) -> dict[str, int]:
     Per block on an h x w map of C channels with LSTM hidden size H: four LSTMs (columns
     and rows, both directions) each cost, per position, an input projection C x 4H and a
     recurrent matmul H x 4H; the fusing fc 4H x C; the MLP 2 x C x rC. The recurrence is
-    counted as run: every step (the first, on a zero state, included) and the whole
-    block-diagonal matmul of `lstm_scan`, i.e. D = 4 (square maps: one scan) or 2 times
-    the useful multiply-adds.
+    counted as run: every step, the first (on a zero state) included.
     """
     sizes = feature_sizes(model.patch_sizes, *image_size)
     dims, out = model.embed_dims, dict.fromkeys(
@@ -426,8 +419,7 @@ def flops(model: Sequencer2d, image_size: tuple[int, int]) -> dict[str, int]:
         if i > 0:
             out["downsample"] += 2 * pos * model.patch_sizes[i] ** 2 * dims[i - 1] * c
         out["lstm_input"] += depth * 4 * 2 * pos * c * 4 * hid
-        shared = 4 if h == w else 2  # LSTMs sharing one block-diagonal recurrent matmul
-        out["lstm_recurrent"] += depth * 4 * 2 * pos * hid * 4 * hid * shared
+        out["lstm_recurrent"] += depth * 4 * 2 * pos * hid * 4 * hid
         out["lstm_fc"] += depth * 2 * pos * 4 * hid * c
         out["mlp"] += depth * 2 * 2 * pos * c * int(model.mlp_ratios[i] * c)
     if model.num_classes is not None:
