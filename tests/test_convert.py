@@ -1,6 +1,5 @@
 """`python -m mixer_jax.convert`: published npz <-> orbax, exact in both directions."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

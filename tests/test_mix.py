@@ -6,10 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mixer_jax import mix, optim, parallel, steps, train_config
+from mixer_jax import mix, parallel, steps, train_config
 from mixer_jax.errors import ConfigError
 
 import tiny_training as tt

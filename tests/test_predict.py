@@ -3,7 +3,6 @@ images of every colour mode and size, batching, label names, clear errors."""
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image

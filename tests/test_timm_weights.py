@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from mixer_jax import checkpoint, convert, models, timm_weights, train_checkpoint
+from mixer_jax import checkpoint, convert, models, train_checkpoint
 from mixer_jax.checkpoint import CheckpointError
 from mixer_jax.models import registry
 

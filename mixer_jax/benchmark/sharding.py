@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mixer_jax import models, parallel
+from mixer_jax import parallel
 from mixer_jax.benchmark.measure import build_model, compiled_memory, log, recipe_optimizer
 
 STRATEGIES = ("data", "fsdp")

@@ -378,8 +378,6 @@ class MetaFormer(nn.Module):
     def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):
         self._check(*images.shape[1:3])
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = functools.partial(_norm, self.norm, use_bias=self.norm_bias, eps=self.norm_eps,
-                                 **kw)
         channel_norm = functools.partial(_norm, "layer", use_bias=False, eps=1e-6, **kw)
         kernel, stride, padding = self.stem
         x = _conv(self.dims[0], kernel, ("kernel", "kernel", "channels", "embed"),
